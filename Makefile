@@ -1,0 +1,47 @@
+# Two interpreters: the host (.venv, Python >= 3.10: pytest, TF, tf2onnx, onnx, ORT) and the CNTK
+# worker (.venv-cntk, CPython 3.6: cntk 2.7). `make demo` and `make test` set both up when needed;
+# a second run only re-checks (seconds).
+SHELL := /bin/bash
+HOST_PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+HOST_STAMP := $(VENV)/.tf2cntk-installed
+PYTEST_ARGS ?=
+DEMO_MODEL ?= fixtures/cnn_bn.keras
+
+.PHONY: setup host cntk test demo bench clean fixtures
+
+setup: host cntk
+
+host: $(HOST_STAMP)
+
+$(HOST_STAMP): pyproject.toml
+	@$(HOST_PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
+	  { echo "make: the host needs Python >= 3.10 (found $(HOST_PYTHON)); set HOST_PYTHON=..." >&2; exit 1; }
+	@test -x $(PY) || $(HOST_PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,report]'
+	@touch $@
+
+# tf2cntk setup is idempotent: it installs libopenmpi3 (apt, as root) and the CNTK venv only when
+# missing, then proves CNTK works by evaluating a small function.
+cntk: host
+	@$(VENV)/bin/tf2cntk setup --env-dir .venv-cntk
+
+test: setup
+	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests; that is a failure" >&2; exit 1; fi; \
+	exit $$rc
+
+demo: setup
+	@$(VENV)/bin/tf2cntk demo --model $(DEMO_MODEL)
+
+bench: setup
+	$(PY) benchmarks/worker_roundtrip.py
+	$(PY) benchmarks/conversion.py
+
+fixtures: host
+	$(PY) fixtures/build.py
+
+clean:
+	rm -rf $(VENV) .venv-cntk .tf2cntk .pytest_cache .hypothesis

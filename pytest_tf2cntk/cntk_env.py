@@ -1,0 +1,308 @@
+"""The CNTK side: where its Python 3.6 environment lives, how to build it, how to start it.
+
+CNTK 2.7 ships wheels for CPython 3.5/3.6 only and links OpenMPI 1.10 sonames, so the worker
+runs in its own venv with a private folder of ``libmpi*.so`` compat symlinks on its
+``LD_LIBRARY_PATH``. Nothing here imports cntk; everything runs the 3.6 interpreter as a
+subprocess.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .errors import EnvironmentProblem
+
+CNTK_VERSION = "2.7.post2"
+ENV_CNTK_PYTHON = "TF2CNTK_CNTK_PYTHON"
+ENV_PYTHON36 = "TF2CNTK_PYTHON36"
+MPI_COMPAT_DIRNAME = "mpi-compat"
+# CNTK 2.7 was linked against OpenMPI 1.10; OpenMPI 4's libraries keep the ABI CNTK uses.
+MPI_SONAMES = {"libmpi.so.12": "libmpi.so.40", "libmpi_cxx.so.1": "libmpi_cxx.so.40"}
+MPI_SEARCH_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64",
+                   "/usr/lib", "/usr/local/lib", "/usr/lib/x86_64-linux-gnu/openmpi/lib")
+APT_FIX = "apt-get install -y libopenmpi3"
+
+# Evaluated in the new interpreter to prove the environment works end to end.
+PROOF_SNIPPET = (
+    "import warnings; warnings.simplefilter('ignore')\n"
+    "import numpy as np, cntk as C\n"
+    "x = C.input_variable(3)\n"
+    "y = (C.relu(x) * 2.0).eval({x: np.array([[-1.0, 0.5, 2.0]], dtype=np.float32)})\n"
+    "assert np.allclose(y, [[0.0, 1.0, 4.0]]), y\n"
+    "import sys; print(C.__version__, np.__version__, sys.version.split()[0])\n"
+)
+
+
+def project_root() -> Path | None:
+    """The source checkout this package runs from, if it is one (editable install)."""
+    root = Path(__file__).resolve().parent.parent
+    pyproject = root / "pyproject.toml"
+    if pyproject.is_file() and 'name = "pytest-tf2cntk"' in pyproject.read_text("utf-8"):
+        return root
+    return None
+
+
+def default_env_dir() -> Path:
+    """`.venv-cntk/` in a development checkout, else a per-user cache folder."""
+    root = project_root()
+    if root is not None:
+        return root / ".venv-cntk"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "pytest-tf2cntk" / "venv-cntk"
+
+
+def env_python(env_dir: Path) -> Path:
+    return env_dir / "bin" / "python"
+
+
+def resolve_cntk_python(explicit: str | os.PathLike | None = None) -> Path:
+    """The CNTK interpreter: the option, then ``$TF2CNTK_CNTK_PYTHON``, then the default env."""
+    chosen = explicit or os.environ.get(ENV_CNTK_PYTHON)
+    if chosen:
+        path = Path(chosen).expanduser()
+        if not path.exists():
+            source = "--tf2cntk-cntk-python" if explicit else f"${ENV_CNTK_PYTHON}"
+            raise EnvironmentProblem(
+                f"The CNTK Python interpreter {path} given by {source} does not exist.",
+                hint="point it at the python of a venv with cntk==2.7.post2, or unset it and run "
+                     "`tf2cntk setup`")
+        return path
+    path = env_python(default_env_dir())
+    if not path.exists():
+        raise EnvironmentProblem(
+            f"No CNTK environment at {path.parent.parent}: CNTK 2.7 needs its own Python 3.6 venv.",
+            hint="run `tf2cntk setup` (or `make setup` in a checkout)")
+    return path
+
+
+def mpi_compat_dir_for(python: Path) -> Path:
+    """The compat folder beside the interpreter's venv; falls back to the default env's."""
+    venv = Path(os.path.abspath(python)).parent.parent
+    own = venv / MPI_COMPAT_DIRNAME
+    return own if own.is_dir() else default_env_dir() / MPI_COMPAT_DIRNAME
+
+
+def worker_environ(python: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a CNTK subprocess: compat libs first on LD_LIBRARY_PATH, quiet output."""
+    env = dict(os.environ if base is None else base)
+    compat = str(mpi_compat_dir_for(python))
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (compat, env.get("LD_LIBRARY_PATH")) if p)
+    env["PYTHONNOUSERSITE"] = "1"
+    env.pop("PYTHONPATH", None)  # the host's packages are Python 3.11 ones
+    env.pop("PYTHONHOME", None)
+    env.setdefault("OMPI_MCA_btl_base_warn_component_unused", "0")
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding a base CPython 3.6
+
+
+def python_version(python: str | Path, timeout: float = 20) -> tuple[int, int] | None:
+    """(major, minor) of an interpreter, or None when it does not run."""
+    try:
+        out = subprocess.run([str(python), "-c", "import sys; print('%d %d' % sys.version_info[:2])"],
+                             capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    major, minor = out.stdout.split()
+    return int(major), int(minor)
+
+
+def _candidates(explicit: str | None) -> Iterable[tuple[str, str]]:
+    """(source, path) pairs in the documented search order."""
+    if explicit:
+        yield "--python", explicit
+    if os.environ.get(ENV_PYTHON36):
+        yield f"${ENV_PYTHON36}", os.environ[ENV_PYTHON36]
+    on_path = shutil.which("python3.6")
+    if on_path:
+        yield "PATH", on_path
+    pyenv_root = os.environ.get("PYENV_ROOT") or str(Path.home() / ".pyenv")
+    for found in sorted(glob.glob(os.path.join(pyenv_root, "versions", "3.6*", "bin", "python3.6")),
+                        reverse=True):
+        yield "pyenv", found
+    conda_roots = [os.environ.get("CONDA_PREFIX", "")] + [
+        str(Path.home() / d) for d in ("miniconda3", "anaconda3", "miniforge3", "mambaforge")]
+    for root in filter(None, conda_roots):
+        for found in sorted(glob.glob(os.path.join(root, "envs", "*", "bin", "python3.6"))):
+            yield "conda", found
+
+
+def find_python36(explicit: str | None = None) -> Path:
+    tried = []
+    for source, path in _candidates(explicit):
+        version = python_version(path)
+        if version == (3, 6):
+            return Path(path)
+        tried.append(f"{path} ({source}: {'does not run' if version is None else '%d.%d' % version})")
+        if source == "--python":
+            raise EnvironmentProblem(f"--python {path} is not a working CPython 3.6 "
+                                     f"({tried[-1].split(': ', 1)[1]}.",
+                                     hint="pass the path of a python3.6 executable")
+    looked = "; ".join(tried) if tried else "nothing found"
+    raise EnvironmentProblem(
+        "No CPython 3.6 found (CNTK 2.7 has wheels for 3.5/3.6 only). Looked at: --python, "
+        f"${ENV_PYTHON36}, python3.6 on PATH, pyenv versions, conda envs ({looked}).",
+        hint="`pyenv install 3.6.15` or `conda create -n py36 python=3.6`, then "
+             "`tf2cntk setup --python /path/to/python3.6`")
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenMPI compat folder
+
+
+def find_openmpi_libs() -> dict[str, Path] | None:
+    """Map each compat soname to the installed OpenMPI 4 library, or None when not installed."""
+    found: dict[str, Path] = {}
+    for soname, target in MPI_SONAMES.items():
+        for d in MPI_SEARCH_DIRS:
+            candidate = Path(d) / target
+            if candidate.exists():
+                found[soname] = candidate
+                break
+    return found if len(found) == len(MPI_SONAMES) else None
+
+
+def mpi_status(compat_dir: Path) -> tuple[bool, str]:
+    """(ok, description) of a compat folder, for `doctor` and setup."""
+    libs = find_openmpi_libs()
+    if libs is None:
+        return False, f"libopenmpi3 is not installed (need {', '.join(MPI_SONAMES.values())})"
+    missing = [s for s in MPI_SONAMES if not (compat_dir / s).exists()]
+    if missing:
+        return False, f"compat links {', '.join(missing)} missing in {compat_dir}"
+    return True, f"{compat_dir} -> {libs['libmpi.so.12'].parent}"
+
+
+def ensure_mpi_compat(compat_dir: Path, log: Callable[[str], None] = print) -> None:
+    libs = find_openmpi_libs()
+    if libs is None:
+        can_apt = os.geteuid() == 0 and shutil.which("apt-get") is not None
+        if not can_apt:
+            raise EnvironmentProblem(
+                "CNTK needs OpenMPI (libmpi.so.40 and libmpi_cxx.so.40 from Debian/Ubuntu's "
+                "libopenmpi3), and it is not installed.",
+                hint=f"sudo {APT_FIX}   (then run `tf2cntk setup` again)")
+        log(f"installing libopenmpi3 with apt-get ...")
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        for cmd in (["apt-get", "install", "-y", "-q", "libopenmpi3"],
+                    ["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "libopenmpi3"]):
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+            if cmd[1] == "install" and done.returncode == 0:
+                break
+        libs = find_openmpi_libs()
+        if libs is None:
+            raise EnvironmentProblem("apt-get could not install libopenmpi3: "
+                                     + (done.stderr.strip().splitlines() or ["no output"])[-1],
+                                     hint=f"run `{APT_FIX}` by hand and read its error")
+    compat_dir.mkdir(parents=True, exist_ok=True)
+    for soname, target in libs.items():
+        link = compat_dir / soname
+        if link.is_symlink() and Path(os.readlink(link)) == target:
+            continue
+        tmp = compat_dir / (soname + ".tmp")
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        tmp.symlink_to(target)
+        os.replace(tmp, link)  # atomic, so a concurrent reader never sees no link
+
+
+# ---------------------------------------------------------------------------------------------
+# setup
+
+
+@dataclass
+class SetupResult:
+    env_dir: Path
+    python: Path
+    proof: str
+    already_done: bool
+
+
+def prove(python: Path, timeout: float = 120) -> str:
+    """Evaluate a small CNTK function in ``python``; return its version line or raise."""
+    try:
+        done = subprocess.run([str(python), "-c", PROOF_SNIPPET], env=worker_environ(python),
+                              capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise EnvironmentProblem(f"CNTK in {python} did not answer within {timeout:.0f} s.",
+                                 hint="run `tf2cntk doctor`") from exc
+    if done.returncode == 0:
+        return done.stdout.strip().splitlines()[-1]
+    err = done.stderr
+    if "libmpi" in err:
+        lib = next((w for w in err.replace(":", " ").split() if w.startswith("libmpi")), "libmpi")
+        raise EnvironmentProblem(
+            f"CNTK cannot load {lib} (OpenMPI 1.10 soname) in {python}.",
+            hint=f"`{APT_FIX}` then `tf2cntk setup` (it creates the compat links in "
+                 f"{mpi_compat_dir_for(python)})")
+    if "No module named 'cntk'" in err or "No module named cntk" in err:
+        raise EnvironmentProblem(f"cntk is not installed in {python}.",
+                                 hint=f"`{python} -m pip install cntk=={CNTK_VERSION}` or "
+                                      "`tf2cntk setup`")
+    last = [ln for ln in err.strip().splitlines() if ln.strip()][-1:] or ["no output"]
+    raise EnvironmentProblem(f"CNTK does not work in {python}: {last[0]}",
+                             hint="run `tf2cntk setup --force` to rebuild the environment")
+
+
+def installed_cntk_dist(python: Path) -> str | None:
+    """'cntk' or 'cntk-gpu' as pip sees it in the env, or None."""
+    done = subprocess.run([str(python), "-m", "pip", "list", "--format=freeze",
+                           "--disable-pip-version-check"], capture_output=True, text=True,
+                          check=False, env=worker_environ(python))
+    for line in done.stdout.splitlines():
+        name = line.split("==")[0].lower()
+        if name in ("cntk", "cntk-gpu"):
+            return name
+    return None
+
+
+def setup(env_dir: Path | None = None, base_python: str | None = None, gpu: bool = False,
+          force: bool = False, log: Callable[[str], None] = print) -> SetupResult:
+    """Create (or confirm) the CNTK environment. Idempotent: a working env returns at once."""
+    env_dir = Path(env_dir or default_env_dir()).absolute()
+    python = env_python(env_dir)
+    compat = env_dir / MPI_COMPAT_DIRNAME
+    wanted = "cntk-gpu" if gpu else "cntk"
+    if python.exists() and not force:
+        ensure_mpi_compat(compat, log)
+        try:
+            proof = prove(python)
+        except EnvironmentProblem:
+            proof = ""
+        if proof and (not gpu or installed_cntk_dist(python) == wanted):
+            return SetupResult(env_dir, python, proof, already_done=True)
+    base = find_python36(base_python)
+    log(f"using CPython 3.6 at {base}")
+    if force and env_dir.exists():
+        shutil.rmtree(env_dir)
+    if not python.exists():
+        log(f"creating venv {env_dir} ...")
+        done = subprocess.run([str(base), "-m", "venv", str(env_dir)], capture_output=True,
+                              text=True, check=False)
+        if done.returncode != 0:
+            raise EnvironmentProblem(f"`{base} -m venv {env_dir}` failed: {done.stderr.strip()}",
+                                     hint="install the venv module for Python 3.6 "
+                                          "(e.g. python3.6-venv)")
+    ensure_mpi_compat(compat, log)
+    other = "cntk" if gpu else "cntk-gpu"
+    if installed_cntk_dist(python) == other:
+        subprocess.run([str(python), "-m", "pip", "uninstall", "-y", "-q", other], check=False)
+    log(f"installing {wanted}=={CNTK_VERSION} (this takes a while the first time) ...")
+    done = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                           f"{wanted}=={CNTK_VERSION}"], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-3:])
+        raise EnvironmentProblem(f"pip could not install {wanted}=={CNTK_VERSION}:\n{tail}",
+                                 hint=f"check network access to PyPI, then `{python} -m pip "
+                                      f"install {wanted}=={CNTK_VERSION}`")
+    proof = prove(python)
+    return SetupResult(env_dir, python, proof, already_done=False)

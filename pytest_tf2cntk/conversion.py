@@ -1,0 +1,199 @@
+"""TF model -> validated, CNTK-ready ONNX: load, convert (tf2onnx), passes, validation, cache."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import onnx
+
+from .conversion_cache import ConversionCache
+from .errors import ConversionError, ModelLoadError, Tf2CntkError, ValidationError
+from .tf_model import TensorInfo, TFModel, load_tf_model
+from .validation import Problem
+
+DEFAULT_OPSET = 9
+DEFAULT_BATCH = 1
+CNTK_IR_VERSION = 4
+
+
+@dataclass
+class Conversion:
+    """The result of converting one model: where the CNTK-ready ONNX is and how it was made."""
+
+    source: Path
+    onnx_path: Path
+    batch: int
+    opset: int
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    ops: dict[str, int]
+    passes: list[dict[str, Any]]
+    warnings: list[dict[str, Any]]
+    from_cache: bool
+    seconds: float
+    key: str
+    signature: str | None = None
+    unsafe_load: bool = False
+    _onnx: onnx.ModelProto | None = field(default=None, repr=False)
+    _tf: TFModel | None = field(default=None, repr=False)
+
+    @property
+    def onnx_model(self) -> onnx.ModelProto:
+        if self._onnx is None:
+            self._onnx = onnx.load(str(self.onnx_path))
+        return self._onnx
+
+    @property
+    def tf_model(self) -> TFModel:
+        """Loaded on first use: a cache hit never pays for importing TensorFlow."""
+        if self._tf is None:
+            self._tf = load_tf_model(self.source, self.signature, self.unsafe_load)
+        return self._tf
+
+    def report(self) -> str:
+        lines = [f"model     {self.source}",
+                 f"onnx      {self.onnx_path} (opset {self.opset}, batch {self.batch}"
+                 f"{', from cache' if self.from_cache else ''}, {self.seconds:.2f} s)",
+                 "inputs    " + ", ".join(f"{i.name} {i.dtype}{list(i.with_batch(self.batch))}"
+                                          for i in self.inputs),
+                 "outputs   " + ", ".join(f"{o.name}" for o in self.outputs),
+                 "ops       " + ", ".join(f"{k} x{v}" for k, v in self.ops.items()),
+                 "passes    " + (", ".join(f"{p['name']} ({p['changed']})" for p in self.passes)
+                                 or "none needed")]
+        for w in self.warnings:
+            lines.append(f"warning   {Problem(**w)}")
+        return "\n".join(lines)
+
+
+class _LogCapture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.levelname}: {record.getMessage()}")
+
+
+def tf_to_onnx(model: TFModel, batch: int, opset: int) -> onnx.ModelProto:
+    """tf2onnx at a fixed batch; its log becomes part of the error when it fails."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tf2onnx
+
+    fn, specs = model.tf_function(batch)
+    logger = logging.getLogger("tf2onnx")
+    capture = _LogCapture()
+    old_level, old_propagate = logger.level, logger.propagate
+    logger.addHandler(capture)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # keep tf2onnx's chatter off the user's terminal
+    try:
+        proto, _ = tf2onnx.convert.from_function(fn, input_signature=specs, opset=opset)
+    except Exception as exc:
+        relevant = [ln for ln in capture.lines if "ERROR" in ln or "nsupported" in ln][-10:]
+        log = ("\n  tf2onnx log:\n    " + "\n    ".join(relevant)) if relevant else ""
+        raise ConversionError(f"tf2onnx could not convert {model.path} at opset {opset}: "
+                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+                              f"{log}", hint="ops unsupported at this opset need another opset or a "
+                                             "replacement layer; CNTK needs opset <= 9") from None
+    finally:
+        logger.removeHandler(capture)
+        logger.setLevel(old_level)
+        logger.propagate = old_propagate
+    # tf2onnx names outputs after TF tensors ("Identity:0"); use the model's output names.
+    from .onnx_graph import rename_tensor
+
+    for out, info in zip(list(proto.graph.output), model.outputs):
+        if out.name != info.name:
+            rename_tensor(proto, out.name, info.name)
+    for inp in proto.graph.input:
+        if inp.name.endswith(":0"):
+            rename_tensor(proto, inp.name, inp.name[:-2])
+    if opset <= 9:
+        proto.ir_version = min(proto.ir_version, CNTK_IR_VERSION)
+    return proto
+
+
+def convert(path: str | os.PathLike, *, batch: int = DEFAULT_BATCH, opset: int = DEFAULT_OPSET,
+            signature: str | None = None, unsafe_load: bool = False,
+            cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
+            apply_passes: bool = True, progress: Callable[[str], None] | None = None) -> Conversion:
+    """Convert one model for CNTK. Raises ModelLoadError, ConversionError or ValidationError."""
+    from .passes import PASSES_VERSION, run_passes
+    from .tf_model import detect_kind
+    from .validation import validate
+
+    say = progress or (lambda _msg: None)
+    source = Path(path)
+    detect_kind(source)  # bad paths fail here, before any hashing or TF import
+    if batch < 1:
+        raise ModelLoadError(f"Batch size must be >= 1 (got {batch}).")
+    cache = ConversionCache(Path(cache_dir) if cache_dir else None)
+    options = {"batch": batch, "opset": opset, "signature": signature, "passes": apply_passes,
+               "unsafe_load": unsafe_load}
+    key = cache.key(source, options, PASSES_VERSION)
+    started = time.perf_counter()
+
+    def from_entry(onnx_path: Path, meta: dict[str, Any], hit: bool) -> Conversion:
+        if meta.get("error"):
+            err = meta["error"]
+            cls = {"ValidationError": ValidationError, "ConversionError": ConversionError,
+                   "ModelLoadError": ModelLoadError}.get(err["type"], ConversionError)
+            exc = cls(err["message"], hint=err.get("hint"))
+            if isinstance(exc, ValidationError):
+                exc.problems = [Problem(**p) for p in err.get("problems", [])]
+            raise exc
+        return Conversion(source, onnx_path, batch, opset,
+                          [TensorInfo.from_json(i) for i in meta["inputs"]],
+                          [TensorInfo.from_json(o) for o in meta["outputs"]], meta["ops"],
+                          meta["passes"], meta["warnings"], hit, time.perf_counter() - started, key,
+                          signature, unsafe_load)
+
+    if use_cache:
+        hit = cache.get(key)
+        if hit:
+            return from_entry(*hit, hit=True)
+    with cache.lock(key):
+        if use_cache:  # another process may have finished it while we waited
+            hit = cache.get(key)
+            if hit:
+                return from_entry(*hit, hit=True)
+        say(f"converting {source} (batch {batch}, opset {opset}) ...")
+        tf_model = load_tf_model(source, signature, unsafe_load)
+        meta: dict[str, Any] = {"source": str(source), "options": options,
+                                "inputs": [i.to_json() for i in tf_model.inputs],
+                                "outputs": [o.to_json() for o in tf_model.outputs]}
+        try:
+            proto = tf_to_onnx(tf_model, batch, opset)
+            records = []
+            if apply_passes:
+                say("applying CNTK compatibility passes ...")
+                proto, records = run_passes(proto)
+            warnings = validate(proto, str(source))
+        except (ConversionError, ValidationError) as exc:
+            meta["error"] = {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint,
+                             "problems": [p.to_json() for p in getattr(exc, "problems", [])]}
+            if use_cache:
+                cache.put(key, None, meta)
+            raise
+        from .onnx_graph import node_names_by_op
+
+        meta.update(ops=node_names_by_op(proto), passes=[r.to_json() for r in records],
+                    warnings=[w.to_json() for w in warnings])
+        data = proto.SerializeToString()
+        if use_cache:
+            onnx_path = cache.put(key, data, meta)
+        else:
+            onnx_path = cache.root / "uncached" / f"{key}.onnx"
+            onnx_path.parent.mkdir(parents=True, exist_ok=True)
+            onnx_path.write_bytes(data)
+    result = from_entry(onnx_path, meta, hit=False)
+    result._onnx, result._tf = proto, tf_model
+    return result
+
+
+def first_error_line(exc: Tf2CntkError) -> str:
+    return exc.message.splitlines()[0]

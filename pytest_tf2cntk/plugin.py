@@ -1,0 +1,234 @@
+"""The pytest shell: options, model collectors and items, fixtures, the marker, reports.
+
+Loading this module imports nothing heavy; TensorFlow, ONNX and the worker are imported when the
+first item runs. State lives in ``config.stash``; under xdist each worker sends its results
+through ``workeroutput`` and the controller merges them into one summary and one JSON report.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from . import options as opts
+from .session import Tf2CntkSession
+
+SESSION_KEY = pytest.StashKey[Tf2CntkSession]()
+MARKER = "tf2cntk"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    opts.register(parser)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", f"{MARKER}(model=None, budgets=None, inputs=None, devices=None): "
+                                       "configure pytest-tf2cntk for this test")
+    rootdir = Path(str(config.rootpath))
+    try:
+        settings = opts.resolve(config.getoption, config.getini, rootdir, opts.read_pyproject(rootdir))
+    except ValueError as exc:
+        raise pytest.UsageError(f"pytest-tf2cntk: {exc}") from None
+    for model in settings.models:
+        if not model.exists():
+            raise pytest.UsageError(f"pytest-tf2cntk: model path {model} does not exist "
+                                    "(--tf2cntk-model / tf2cntk_models)")
+    session = Tf2CntkSession(settings, rootdir, worker_id=_worker_id(config))
+    config.stash[SESSION_KEY] = session
+    config.pluginmanager.register(_Reporting(session, config), "tf2cntk-reporting")
+    # model paths are collected like test files: add those not already under an argument
+    if settings.models:
+        args = [Path(a.split("::")[0]).resolve() for a in config.args]
+        for model in settings.models:
+            resolved = model.resolve()
+            if not any(resolved == a or a in resolved.parents for a in args):
+                config.args.append(str(model))
+
+
+def _worker_id(config: pytest.Config) -> str | None:
+    return getattr(config, "workerinput", {}).get("workerid")
+
+
+def _session(config: pytest.Config) -> Tf2CntkSession:
+    return config.stash[SESSION_KEY]
+
+
+# ---------------------------------------------------------------------------------------------
+# collection
+
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
+    if _session(parent.config).is_model(file_path):
+        return ModelCollector.from_parent(parent, path=file_path)
+    return None
+
+
+def pytest_collect_directory(path: Path, parent: pytest.Collector) -> pytest.Collector | None:
+    if _session(parent.config).is_model(path):  # a SavedModel directory is one model
+        return ModelCollector.from_parent(parent, path=path)
+    return None
+
+
+class ModelCollector(pytest.File):
+    """One model: ``::convert`` then ``::parity[DEVICE]`` for each configured device."""
+
+    def collect(self) -> Iterator[pytest.Item]:
+        session = _session(self.config)
+        yield ConvertItem.from_parent(self, name="convert")
+        for device in sorted(session.settings.devices):
+            yield ParityItem.from_parent(self, name=f"parity[{device}]", device=device)
+
+
+class _ModelItem(pytest.Item):
+    @property
+    def model_path(self) -> Path:
+        return Path(self.parent.path)  # type: ignore[union-attr]
+
+    def reportinfo(self) -> tuple[Any, int | None, str]:
+        return self.path, None, f"{self.model_path.name}::{self.name}"
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
+        from .errors import Tf2CntkError
+
+        if isinstance(excinfo.value, (Tf2CntkError, ParityFailure)):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo)
+
+
+class ConvertItem(_ModelItem):
+    def runtest(self) -> None:
+        session = _session(self.config)
+        conv = session.conversion(self.model_path, self._progress)
+        for key, value in (("ops", sum(conv.ops.values())), ("passes", len(conv.passes)),
+                           ("from_cache", conv.from_cache), ("seconds", round(conv.seconds, 3))):
+            self.user_properties.append((f"tf2cntk_convert_{key}", value))
+
+    def _progress(self, msg: str) -> None:
+        _session(self.config).progress(self.config, msg)
+
+
+class ParityFailure(AssertionError):
+    """A parity verdict that failed; its str() is the diagnostic table."""
+
+
+class ParityItem(_ModelItem):
+    def __init__(self, *, device: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.device = device
+
+    def runtest(self) -> None:
+        from .errors import DeviceUnavailable
+
+        session = _session(self.config)
+        conv = session.conversion(self.model_path, lambda m: session.progress(self.config, m))
+        try:
+            result = session.parity(conv, self.device)
+        except DeviceUnavailable as exc:
+            session.record_skip(self.model_path, self.device, exc.message)
+            pytest.skip(f"{self.device}: {exc.message}")
+        for key, value in session.properties(result):
+            self.user_properties.append((key, value))
+        if not result.passed:
+            raise ParityFailure(str(result))
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures and helpers for hand-written tests
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "tf2cntk_model" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker(MARKER)
+    if marker and marker.kwargs.get("model"):
+        return
+    if any("tf2cntk_model" in (c.params or {}) for c in getattr(metafunc, "_calls", [])):
+        return  # parametrized indirectly by the user
+    models = _session(metafunc.config).settings.models
+    if models:
+        metafunc.parametrize("tf2cntk_model", [str(m) for m in models], indirect=True,
+                             ids=[m.name for m in models])
+
+
+@pytest.fixture(scope="session")
+def tf2cntk_session(request: pytest.FixtureRequest) -> Tf2CntkSession:
+    """The plugin's session: settings, conversions and results of this run."""
+    return _session(request.config)
+
+
+@pytest.fixture
+def tf2cntk_model(request: pytest.FixtureRequest, tf2cntk_session: Tf2CntkSession) -> Any:
+    """A converted model: ``.tf`` (TFModel), ``.onnx`` (ModelProto), ``.run_cntk(feeds)``,
+    ``.inputs_strategy()``, ``.check(device)``. The path comes from ``@pytest.mark.tf2cntk(model=)``,
+    indirect parametrization, or ``--tf2cntk-model``. Conversions are shared by the whole session."""
+    marker = request.node.get_closest_marker(MARKER)
+    path = (marker.kwargs.get("model") if marker else None) or getattr(request, "param", None)
+    if path is None:
+        pytest.fail("tf2cntk_model needs a model: @pytest.mark.tf2cntk(model=...), indirect "
+                    "parametrization, or --tf2cntk-model", pytrace=False)
+    path = Path(path)
+    if not path.is_absolute():
+        path = Path(str(request.config.rootpath)) / path
+    kwargs = dict(marker.kwargs) if marker else {}
+    return tf2cntk_session.handle(path, budgets=kwargs.get("budgets"), inputs=kwargs.get("inputs"))
+
+
+@pytest.fixture
+def tf2cntk_inputs(tf2cntk_model: Any) -> Any:
+    """Hypothesis strategy of input dicts (name -> array) for the model under test."""
+    return tf2cntk_model.inputs_strategy()
+
+
+def assert_parity(target: Any, device: str = "cpu", **kwargs: Any) -> Any:
+    """Assert that a model (path or tf2cntk_model handle) or a ParityResult passes.
+
+    Returns the ParityResult; a failure shows the same diagnostic table as the plugin's items.
+    """
+    __tracebackhide__ = True
+    from .parity import ParityResult, check_parity
+
+    if isinstance(target, ParityResult):
+        result = target
+    elif hasattr(target, "check"):
+        result = target.check(device, **kwargs)
+    else:
+        result = check_parity(target, device, **kwargs)
+    if not result.passed:
+        raise ParityFailure(str(result))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# reporting
+
+
+class _Reporting:
+    def __init__(self, session: Tf2CntkSession, config: pytest.Config) -> None:
+        self.session = session
+        self.config = config
+
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        if self.session.worker_id is not None:  # xdist worker: hand results to the controller
+            self.config.workeroutput["tf2cntk"] = json.dumps(self.session.payload())  # type: ignore[attr-defined]
+            return
+        self.session.finish(exitstatus)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        payload = getattr(node, "workeroutput", {}).get("tf2cntk")
+        if payload:
+            self.session.merge(json.loads(payload))
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.session.worker_id is None:
+            lines = self.session.summary_lines()
+            if lines:
+                terminalreporter.write_sep("=", "tf2cntk parity summary")
+                for line in lines:
+                    terminalreporter.write_line(line)
+            for note in self.session.notes:
+                terminalreporter.write_line(note)

@@ -1,0 +1,248 @@
+"""State of one pytest run: conversions (each once), parity results, the merged report.
+
+No pytest import: the plugin passes what it needs. Results are plain JSON-able dicts so xdist
+workers can send them to the controller, which merges them into one summary and one report.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .options import Settings
+
+REPORT_FORMAT = 1
+
+
+@dataclass
+class ModelHandle:
+    """What the ``tf2cntk_model`` fixture gives a hand-written test."""
+
+    session: "Tf2CntkSession"
+    path: Path
+    budgets: dict[str, Any] | None = None
+    inputs: dict[str, tuple[float, float]] | None = None
+
+    @property
+    def conversion(self) -> Any:
+        return self.session.conversion(self.path)
+
+    @property
+    def tf(self) -> Any:
+        return self.conversion.tf_model
+
+    @property
+    def onnx(self) -> Any:
+        return self.conversion.onnx_model
+
+    @property
+    def domains(self) -> dict[str, Any]:
+        from .domains import derive_domains
+
+        return derive_domains(self.onnx, self._ranges())
+
+    def _ranges(self) -> dict[str, tuple[float, float]]:
+        return {**self.session.settings.inputs, **(self.inputs or {})}
+
+    def inputs_strategy(self, edge_values: bool | None = None) -> Any:
+        from .inputs import inputs_strategy, materialize
+
+        doms = self.domains
+        edges = self.session.settings.edge_values if edge_values is None else edge_values
+        return inputs_strategy(doms, edges).map(lambda recipes: materialize(recipes, doms))
+
+    def run_tf(self, feeds: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
+        return self.tf.run(feeds, device)
+
+    def run_ort(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        from . import onnxrt
+
+        return onnxrt.run(self.onnx, feeds)
+
+    def run_cntk(self, feeds: dict[str, Any], device: str = "cpu", outputs: list[str] | None = None) -> dict[str, Any]:
+        worker = self.session.worker()
+        loaded = worker.load(str(self.conversion.onnx_path), device=device)
+        return worker.eval(loaded, feeds, outputs)
+
+    def check(self, device: str = "cpu", **kwargs: Any) -> Any:
+        """A full parity check with this test's budgets and input ranges; returns a ParityResult."""
+        return self.session.parity(self.conversion, device, budgets=self.budgets, inputs=self.inputs,
+                                   **kwargs)
+
+
+@dataclass
+class Tf2CntkSession:
+    settings: Settings
+    rootdir: Path
+    worker_id: str | None = None
+    results: list[dict[str, Any]] = field(default_factory=list)
+    conversions: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    _converted: dict[Path, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+
+    # -- models ---------------------------------------------------------------------------
+    def is_model(self, path: Path) -> bool:
+        if not self.settings.models:
+            return False
+        resolved = Path(path).resolve()
+        return any(resolved == m.resolve() for m in self.settings.models)
+
+    def conversion(self, path: Path, progress: Callable[[str], None] | None = None) -> Any:
+        """Convert once per session; a failure is remembered and re-raised for every item."""
+        from .conversion import convert
+        from .errors import Tf2CntkError
+
+        key = Path(path).resolve()
+        if key not in self._converted:
+            s = self.settings
+            try:
+                conv = convert(key, batch=s.batch, opset=s.opset, signature=s.signature,
+                               unsafe_load=s.unsafe_load, cache_dir=s.cache_dir, progress=progress)
+                self._converted[key] = conv
+                self.conversions.append({"model": self._rel(key), "ok": True, "onnx": str(conv.onnx_path),
+                                         "ops": conv.ops, "passes": conv.passes, "warnings": conv.warnings,
+                                         "from_cache": conv.from_cache, "seconds": conv.seconds})
+            except Tf2CntkError as exc:
+                self._converted[key] = exc
+                self.conversions.append({"model": self._rel(key), "ok": False, "error": str(exc),
+                                         "type": type(exc).__name__})
+        value = self._converted[key]
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    def handle(self, path: Path, budgets: dict | None = None, inputs: dict | None = None) -> ModelHandle:
+        return ModelHandle(self, path, budgets, inputs)
+
+    def worker(self) -> Any:
+        from .worker_client import get_worker
+
+        return get_worker(self.settings.cntk_python)
+
+    # -- parity ---------------------------------------------------------------------------
+    def parity(self, conv: Any, device: str, budgets: dict | None = None,
+               inputs: dict | None = None, **kwargs: Any) -> Any:
+        from .parity import check_parity
+
+        s = self.settings
+        merged_budgets = {**s.budgets, **(budgets or {})}
+        ranges = {**s.inputs, **(inputs or {})}
+        db = None
+        if not os.environ.get("CI") and s.seed is None:
+            from hypothesis.database import DirectoryBasedExampleDatabase
+
+            db = DirectoryBasedExampleDatabase(str(self.rootdir / ".hypothesis" / "tf2cntk"))
+        params: dict[str, Any] = dict(max_examples=s.max_examples, seed=s.seed, budgets=merged_budgets,
+                                      budget_scale=s.budget_scale, inputs=ranges, edge_values=s.edge_values,
+                                      cntk_python=s.cntk_python, conversion=conv, database=db,
+                                      reproducer_dir=self.rootdir / ".tf2cntk" / "reproducers")
+        params.update(kwargs)
+        result = check_parity(conv.source, device, **params)
+        record = result.to_json()
+        record["model"] = self._rel(Path(conv.source))
+        self.results.append(record)
+        return result
+
+    def record_skip(self, path: Path, device: str, reason: str) -> None:
+        self.results.append({"model": self._rel(path), "device": device, "skipped": reason})
+
+    @staticmethod
+    def properties(result: Any) -> list[tuple[str, Any]]:
+        """Key numbers for JUnit XML (record_property)."""
+        props: list[tuple[str, Any]] = [("tf2cntk_passed", result.passed), ("tf2cntk_examples", result.examples)]
+        for name, c in result.outputs.items():
+            props += [(f"tf2cntk_{name}_scaled_error", f"{c.error:.6g}"),
+                      (f"tf2cntk_{name}_budget", f"{c.budget.value:.6g}"),
+                      (f"tf2cntk_{name}_headroom", f"{c.headroom:.6g}")]
+        if result.reproducer:
+            props.append(("tf2cntk_reproducer", result.reproducer))
+        return props
+
+    def progress(self, config: Any, msg: str) -> None:
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None and config.option.verbose >= 0 and self.worker_id is None:
+            reporter.write_line(f"tf2cntk: {msg}")
+
+    def _rel(self, path: Path) -> str:
+        try:
+            return str(Path(path).resolve().relative_to(self.rootdir.resolve()))
+        except ValueError:
+            return str(path)
+
+    # -- xdist ----------------------------------------------------------------------------
+    def payload(self) -> dict[str, Any]:
+        return {"results": self.results, "conversions": self.conversions}
+
+    def merge(self, payload: dict[str, Any]) -> None:
+        self.results.extend(payload.get("results", []))
+        seen = {(c["model"], c["ok"]) for c in self.conversions}
+        for c in payload.get("conversions", []):
+            if (c["model"], c["ok"]) not in seen:
+                self.conversions.append(c)
+                seen.add((c["model"], c["ok"]))
+
+    # -- reports --------------------------------------------------------------------------
+    def summary_rows(self) -> list[tuple[str, ...]]:
+        rows = []
+        for r in sorted(self.results, key=lambda r: (r["model"], r["device"])):
+            if "skipped" in r:
+                rows.append((r["model"], r["device"], "-", "-", "-", "-", "-", f"skipped: {r['skipped']}"))
+                continue
+            for name, o in sorted(r["outputs"].items()):
+                rows.append((r["model"], r["device"], name, f"{o['scaled_error']:.3g}",
+                             f"{o['budget']['value']:.3g}", f"{o['headroom']:.3g}x", str(r["examples"]),
+                             "PASS" if o["passed"] else f"FAIL ({o['stage']})"))
+        for c in self.conversions:
+            if not c["ok"]:
+                rows.append((c["model"], "-", "-", "-", "-", "-", "-",
+                             f"conversion failed: {c['error'].splitlines()[0]}"))
+        return rows
+
+    HEADER = ("model", "device", "output", "error", "budget", "headroom", "examples", "verdict")
+
+    def summary_lines(self) -> list[str]:
+        rows = self.summary_rows()
+        if not rows:
+            return []
+        table = [self.HEADER] + rows
+        widths = [max(len(r[i]) for r in table) for i in range(len(self.HEADER))]
+        return ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in table]
+
+    def markdown(self) -> str:
+        rows = self.summary_rows()
+        out = ["## tf2cntk parity", "", "| " + " | ".join(self.HEADER) + " |",
+               "|" + "---|" * len(self.HEADER)]
+        out += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(out) + "\n"
+
+    def report(self, exitstatus: int) -> dict[str, Any]:
+        from .conversion_cache import package_versions
+
+        passed = all(r.get("passed", True) for r in self.results) and all(c["ok"] for c in self.conversions)
+        return {"format": REPORT_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "duration": time.time() - self.started, "exitstatus": int(exitstatus), "passed": passed,
+                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in
+                             self.settings.__dict__.items() if k != "models"},
+                "models": [self._rel(m) for m in self.settings.models],
+                "versions": package_versions(("tensorflow", "tensorflow-cpu", "keras", "tf2onnx", "onnx",
+                                              "onnxruntime", "numpy", "hypothesis")),
+                "conversions": self.conversions, "results": self.results}
+
+    def finish(self, exitstatus: int) -> None:
+        if not self.results and not self.conversions:
+            return
+        if self.settings.report:
+            path = Path(self.settings.report)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(path.suffix + ".tmp")
+            tmp.write_text(json.dumps(self.report(exitstatus), indent=1, default=str), "utf-8")
+            os.replace(tmp, path)
+            self.notes.append(f"tf2cntk: JSON report written to {path}")
+        summary = os.environ.get("GITHUB_STEP_SUMMARY")
+        if summary:
+            with open(summary, "a", encoding="utf-8") as fh:
+                fh.write(self.markdown())

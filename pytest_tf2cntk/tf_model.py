@@ -1,0 +1,268 @@
+"""Loading the TensorFlow side: SavedModel directories, `.keras` archives and legacy `.h5` files.
+
+Every way a path can be unusable is checked here before TensorFlow sees it, so the user gets one
+paragraph naming the problem instead of a traceback from deep inside Keras.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from .errors import ModelLoadError
+
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+DEFAULT_SIGNATURE = "serving_default"
+UNSAFE_HINT = "pass --tf2cntk-unsafe-load (API: unsafe_load=True) if you trust this file"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One model input or output as the tests see it. ``shape[0]`` is the batch (None = free)."""
+
+    name: str
+    dtype: str  # numpy dtype name, e.g. "float32"
+    shape: tuple[int | None, ...]
+
+    def with_batch(self, batch: int) -> tuple[int, ...]:
+        dims = list(self.shape)
+        if dims and dims[0] is None:
+            dims[0] = batch
+        if any(d is None for d in dims):
+            raise ModelLoadError(
+                f"Input '{self.name}' has a free non-batch dimension {self.shape}; parity tests need "
+                "static shapes.", hint="give the model a fixed input shape (e.g. keras.Input(shape=...))")
+        return tuple(int(d) for d in dims)  # type: ignore[arg-type]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "TensorInfo":
+        return cls(d["name"], d["dtype"], tuple(d["shape"]))
+
+
+@dataclass
+class TFModel:
+    """A loaded model, its signature, and a callable that runs it on named numpy inputs."""
+
+    path: Path
+    kind: str  # "savedmodel" | "keras" | "h5"
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    obj: Any = field(repr=False)  # keras.Model or the SavedModel signature function
+    _compiled: dict[tuple, Callable] = field(default_factory=dict, repr=False)
+
+    def run(self, feeds: dict[str, np.ndarray], device: str = "cpu") -> dict[str, np.ndarray]:
+        """Inference (training=False) on ``device`` ('cpu', 'gpu', 'gpu:N')."""
+        import tensorflow as tf
+
+        key = (device,) + tuple((i.name, feeds[i.name].shape) for i in self.inputs)
+        fn = self._compiled.get(key)
+        if fn is None:
+            fn = self._trace(key, device)
+            self._compiled[key] = fn
+        with tf.device(tf_device_name(device)):
+            result = fn(*[tf.constant(feeds[i.name]) for i in self.inputs])
+        return {name: np.asarray(value) for name, value in zip([o.name for o in self.outputs], result)}
+
+    def _trace(self, key: tuple, device: str) -> Callable:
+        import tensorflow as tf
+
+        specs = [tf.TensorSpec(shape, tf.as_dtype(i.dtype), name=i.name)
+                 for i, (_, shape) in zip(self.inputs, key[1:])]
+        names = [o.name for o in self.outputs]
+        if self.kind == "savedmodel":
+            sig = self.obj
+
+            def call(*args: Any) -> list:
+                out = sig(**{i.name: a for i, a in zip(self.inputs, args)})
+                return [out[n] for n in names]
+        else:
+            model = self.obj
+
+            def call(*args: Any) -> list:
+                out = model(list(args) if len(args) > 1 else args[0], training=False)
+                if isinstance(out, dict):
+                    return [out[n] for n in names]
+                return list(out) if isinstance(out, (list, tuple)) else [out]
+        return tf.function(call, input_signature=specs, autograph=False)
+
+    def tf_function(self, batch: int) -> tuple[Callable, list]:
+        """A concrete-shape tf.function and its signature, for tf2onnx.convert.from_function."""
+        import tensorflow as tf
+
+        key = ("cpu",) + tuple((i.name, i.with_batch(batch)) for i in self.inputs)
+        fn = self._trace(key, "cpu")
+        specs = [tf.TensorSpec(i.with_batch(batch), tf.as_dtype(i.dtype), name=i.name)
+                 for i in self.inputs]
+        return fn, specs
+
+
+def tf_device_name(device: str) -> str:
+    kind, _, index = device.partition(":")
+    return f"/{'GPU' if kind == 'gpu' else 'CPU'}:{index or 0}"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def detect_kind(path: Path) -> str:
+    """'savedmodel' | 'keras' | 'h5', or a ModelLoadError saying exactly what is wrong."""
+    if not path.exists():
+        raise ModelLoadError(f"Model path {path} does not exist.",
+                             hint="check the path (relative paths are resolved from the rootdir "
+                                  "for the ini option, from the current directory otherwise)")
+    if path.is_dir():
+        if (path / "saved_model.pb").is_file() or (path / "saved_model.pbtxt").is_file():
+            return "savedmodel"
+        entries = [p.name for p in path.iterdir()]
+        if not entries:
+            raise ModelLoadError(f"Model directory {path} is empty.",
+                                 hint="point at a SavedModel directory, a .keras file or an .h5 file")
+        raise ModelLoadError(
+            f"Directory {path} is not a TensorFlow SavedModel: it has no saved_model.pb "
+            f"(found: {', '.join(sorted(entries)[:5])}{', ...' if len(entries) > 5 else ''}).",
+            hint="export with model.export(dir) or tf.saved_model.save(obj, dir)")
+    suffix = path.suffix.lower()
+    if suffix == ".keras":
+        if not zipfile.is_zipfile(path):
+            raise ModelLoadError(f"{path} is not a valid .keras archive (not a zip file, or truncated).",
+                                 hint="re-save the model with model.save('model.keras')")
+        return "keras"
+    if suffix in (".h5", ".hdf5"):
+        with open(path, "rb") as fh:
+            if fh.read(8) != HDF5_MAGIC:
+                raise ModelLoadError(f"{path} is not an HDF5 file (bad signature bytes).",
+                                     hint="re-save the model with model.save('model.h5') or use .keras")
+        return "h5"
+    if path.name == "saved_model.pb":
+        return detect_kind(path.parent)
+    raise ModelLoadError(f"Don't know how to load {path}: expected a SavedModel directory, a "
+                         ".keras file or an .h5 file.")
+
+
+def _walk_configs(node: Any) -> Iterator[dict]:
+    if isinstance(node, dict):
+        if "class_name" in node and isinstance(node.get("config"), dict):
+            yield node
+        for value in node.values():
+            yield from _walk_configs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk_configs(value)
+
+
+def _keras_config(path: Path, kind: str) -> Any:
+    try:
+        if kind == "keras":
+            with zipfile.ZipFile(path) as zf:
+                return json.loads(zf.read("config.json"))
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            raw = f.attrs.get("model_config")
+            return json.loads(raw) if raw is not None else None
+    except Exception:  # the loader itself will explain a broken file
+        return None
+
+
+def unsafe_layers(path: Path, kind: str) -> list[str]:
+    """Names of layers that need unsafe deserialization (Python lambdas)."""
+    return [f"{c['config'].get('name', '?')} ({c['class_name']})"
+            for c in _walk_configs(_keras_config(path, kind)) if c["class_name"] == "Lambda"]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def load_tf_model(path: str | os.PathLike, signature: str | None = None,
+                  unsafe_load: bool = False) -> TFModel:
+    path = Path(path)
+    kind = detect_kind(path)
+    if path.name == "saved_model.pb":
+        path = path.parent
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if kind == "savedmodel":
+        return _load_savedmodel(path, signature or DEFAULT_SIGNATURE)
+    return _load_keras(path, kind, unsafe_load)
+
+
+def _load_keras(path: Path, kind: str, unsafe_load: bool) -> TFModel:
+    import keras
+
+    lambdas = unsafe_layers(path, kind)
+    if lambdas and not unsafe_load:
+        raise ModelLoadError(
+            f"{path} contains layers that need unsafe deserialization (they run arbitrary Python): "
+            f"{', '.join(lambdas)}. Keras loads with safe_mode=True by default.", hint=UNSAFE_HINT)
+    try:
+        model = keras.models.load_model(path, compile=False, safe_mode=not unsafe_load)
+    except Exception as exc:
+        if "safe_mode" in str(exc):
+            raise ModelLoadError(f"{path} needs unsafe deserialization: {_first_line(exc)}",
+                                 hint=UNSAFE_HINT) from None
+        raise ModelLoadError(f"Keras could not load {path} ({kind}): {_first_line(exc)}. "
+                             "The file may be truncated or written by an incompatible Keras.",
+                             hint="re-save the model with the Keras version in use") from None
+    inputs = []
+    for t in model.inputs:
+        if getattr(t, "sparse", False) or getattr(t, "ragged", False):
+            raise ModelLoadError(f"Input '{t.name}' of {path} is sparse or ragged; only dense "
+                                 "tensors can be compared.")
+        inputs.append(_tensor_info(t.name, t.dtype, t.shape, path))
+    names = list(getattr(model, "output_names", None) or [f"output_{i}" for i in range(len(model.outputs))])
+    outputs = [_tensor_info(n, t.dtype, t.shape, path) for n, t in zip(names, model.outputs)]
+    return TFModel(path, kind, inputs, outputs, model)
+
+
+def _load_savedmodel(path: Path, signature: str) -> TFModel:
+    import tensorflow as tf
+
+    try:
+        loaded = tf.saved_model.load(str(path))
+    except Exception as exc:
+        raise ModelLoadError(f"TensorFlow could not read the SavedModel in {path}: {_first_line(exc)}",
+                             hint="re-export it; saved_model.pb may be corrupt") from None
+    sigs = dict(getattr(loaded, "signatures", {}) or {})
+    if not sigs:
+        raise ModelLoadError(f"The SavedModel in {path} has no signatures, so its inputs and outputs "
+                             "are unknown.",
+                             hint="export with a signature: tf.saved_model.save(obj, dir, "
+                                  "signatures={'serving_default': fn.get_concrete_function(spec)}) "
+                                  "or keras model.export(dir)")
+    if signature not in sigs:
+        raise ModelLoadError(f"The SavedModel in {path} has no signature '{signature}' "
+                             f"(it has: {', '.join(sorted(sigs))}).",
+                             hint="choose one with --tf2cntk-signature")
+    fn = sigs[signature]
+    args, kwargs = fn.structured_input_signature
+    if args:
+        raise ModelLoadError(f"Signature '{signature}' of {path} takes positional inputs; "
+                             "signatures with named inputs are required.")
+    inputs = [_tensor_info(name, spec.dtype, spec.shape, path) for name, spec in sorted(kwargs.items())]
+    outs = fn.structured_outputs
+    outputs = [_tensor_info(name, spec.dtype, spec.shape, path) for name, spec in sorted(outs.items())]
+    model = TFModel(path, "savedmodel", inputs, outputs, fn)
+    model.loaded = loaded  # type: ignore[attr-defined]  # keeps variables alive
+    return model
+
+
+def _tensor_info(name: str, dtype: Any, shape: Any, path: Path) -> TensorInfo:
+    import tensorflow as tf
+
+    tf_dtype = tf.as_dtype(dtype)
+    if tf_dtype in (tf.string, tf.variant, tf.resource) or not (
+            tf_dtype.is_floating or tf_dtype.is_integer or tf_dtype.is_bool):
+        raise ModelLoadError(f"Tensor '{name}' of {path} has dtype {tf_dtype.name}; only numeric and "
+                             "bool tensors can be compared (preprocess strings outside the model).")
+    dims = tuple(None if d is None else int(d) for d in tuple(shape))
+    return TensorInfo(name.split(":")[0], tf_dtype.as_numpy_dtype.__name__
+                      if tf_dtype != tf.bool else "bool", dims)

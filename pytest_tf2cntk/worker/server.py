@@ -1,0 +1,696 @@
+"""The CNTK worker process: ``<cntk python> -u server.py``, one request at a time.
+
+Runs on CPython 3.6 with numpy 1.19 and cntk 2.7 (stdlib + numpy + cntk only). Frames come in
+on stdin and go out on a private duplicate of stdout (see ``protocol``); fd 1 is pointed at
+stderr first, so whatever CNTK's C++ code or Python prints cannot corrupt a frame.
+
+Right after start-up the worker sends an unsolicited ``hello`` frame: ``ok: true`` with the
+same facts as ``ping``, or ``ok: false, type: "EnvironmentProblem"`` when cntk cannot be
+imported (then it exits 3). The host treats death before ``hello`` as an environment problem.
+
+Requests (header ``op``), every reply echoes ``id`` and ``op`` and carries ``ok``:
+
+``ping``      -> versions, pid, devices, warnings captured while importing cntk
+``echo``      -> the arrays it received (tests the framing end to end), plus their layout;
+              ``stdout_noise`` is printed to fd 1 first (tests the stdout guard)
+``load``      ``path``, ``device`` ("cpu" | "gpu" | "gpu:N") -> ``handle``, ``inputs``, ``outputs``
+``eval``      ``handle``, input arrays, optional ``outputs`` (ONNX tensor names, ONNX/CNTK
+              node names or CNTK uids) -> arrays keyed by the requested names
+``nodes``     ``handle`` -> the CNTK graph's functions (name, uid, op_name, inputs, outputs)
+``bench``     ``handle``, input arrays, ``n`` -> seconds per in-process eval (no protocol)
+``unload``    ``handle``
+``shutdown``  reply, then exit 0
+
+Errors: ``ok: false``, ``type`` ("ProtocolError", "CNTKError", "DeviceUnavailable",
+"InternalError"), ``message`` (first line first), ``detail`` (native call stack, traceback).
+"""
+import io
+import mmap
+import os
+import re
+import signal
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+
+if __package__:
+    from . import protocol
+else:  # run as a script: this file's folder is sys.path[0]
+    import protocol
+
+import numpy as np
+
+cntk = None  # imported by _import_cntk once stdio is protected
+
+EXIT_IMPORT_FAILED = 3
+
+
+class RequestError(Exception):
+    def __init__(self, type_, message, detail=""):
+        Exception.__init__(self, message)
+        self.type = type_
+        self.message = message
+        self.detail = detail
+
+
+def _protocol_error(message):
+    return RequestError("ProtocolError", message)
+
+
+def split_native(text):
+    """(message, native call stack) of a CNTK exception text."""
+    idx = text.find("[CALL STACK]")
+    if idx < 0:
+        return text.strip(), ""
+    return text[:idx].strip(), text[idx:].strip()
+
+
+def _cntk_call(fn, *args, **kwargs):
+    """Call into CNTK; its exceptions become CNTKError replies with the stack in ``detail``."""
+    try:
+        return fn(*args, **kwargs)
+    except RequestError:
+        raise
+    except Exception as exc:
+        message, native = split_native(str(exc))
+        tb = traceback.format_exc()
+        raise RequestError("CNTKError", message or type(exc).__name__,
+                           "\n\n".join(p for p in (native, tb) if p))
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up
+
+
+def protect_stdio():
+    """(input fd, output fd) for frames; fd 1 -> stderr and fd 0 -> /dev/null from now on."""
+    frames_in = os.dup(0)
+    frames_out = os.dup(1)
+    sys.stdout.flush()
+    os.dup2(2, 1)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    return frames_in, frames_out
+
+
+def _import_cntk():
+    """Import cntk with its warnings and banner captured; (facts, error reply or None)."""
+    global cntk
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    capture = tempfile.TemporaryFile()
+    os.dup2(capture.fileno(), 1)
+    os.dup2(capture.fileno(), 2)
+    failure = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            import cntk as _cntk
+            cntk = _cntk
+        except BaseException as exc:  # ImportError (libmpi), OSError, anything: report it
+            failure = (exc, traceback.format_exc())
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.dup2(saved, 1)
+            os.close(saved)
+    capture.seek(0)
+    text = capture.read().decode("utf-8", "replace")
+    capture.close()
+    if text:
+        sys.stderr.write(text)  # still reaches the host's diagnostics ring buffer
+        sys.stderr.flush()
+    facts = {
+        "import_warnings": [{"category": w.category.__name__, "message": str(w.message),
+                             "filename": w.filename, "lineno": w.lineno} for w in caught],
+        "import_stderr": text,
+    }
+    if failure is None:
+        return facts, None
+    exc, tb = failure
+    message, native = split_native("%s: %s" % (type(exc).__name__, exc))
+    return facts, {"ok": False, "type": "EnvironmentProblem", "message": message,
+                   "detail": "\n\n".join(p for p in (native, tb, text) if p)}
+
+
+def device_names():
+    names = []
+    for d in cntk.device.all_devices():
+        names.append("cpu" if d.type() == cntk.device.DeviceKind.CPU else "gpu:%d" % d.id())
+    return names
+
+
+def parse_device(spec):
+    if spec is None or spec == "cpu":
+        return cntk.device.cpu()
+    match = re.match(r"^gpu(?::(\d+))?$", spec) if isinstance(spec, str) else None
+    if not match:
+        raise _protocol_error("device must be 'cpu', 'gpu' or 'gpu:N', not %r" % (spec,))
+    try:
+        return cntk.device.gpu(int(match.group(1) or 0))
+    except Exception as exc:
+        message, native = split_native(str(exc))
+        raise RequestError("DeviceUnavailable", message, native)
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX names. CNTK keeps input names and ONNX *node* names, not output tensor names, and orders
+# a model's outputs its own way; so read the ONNX graph (a minimal protobuf walk, no onnx
+# package here) to map names back.
+
+
+def _varint(buf, pos):
+    result = 0
+    shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(buf, start, end):
+    """(field number, value) of a protobuf message; length-delimited values as (start, end)."""
+    pos = start
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            value = (pos, pos + length)
+            pos += length
+        elif wire == 1:
+            value, pos = None, pos + 8
+        elif wire == 5:
+            value, pos = None, pos + 4
+        else:
+            raise ValueError("unsupported protobuf wire type %d" % wire)
+        yield field, value
+
+
+def _text(buf, span):
+    return bytes(buf[span[0]:span[1]]).decode("utf-8", "replace")
+
+
+def _first_string(buf, span, number):
+    for field, value in _fields(buf, span[0], span[1]):
+        if field == number:
+            return _text(buf, value)
+    return ""
+
+
+def parse_onnx_graph(buf):
+    """{"inputs", "outputs", "initializers", "nodes": [(name, op_type, inputs, outputs)]}."""
+    graph = None
+    for field, value in _fields(buf, 0, len(buf)):
+        if field == 7:  # ModelProto.graph
+            graph = value
+    if graph is None:
+        raise ValueError("no graph in the ONNX file")
+    inputs, outputs, nodes, initializers = [], [], [], set()
+    for field, value in _fields(buf, graph[0], graph[1]):
+        if field == 1:  # NodeProto
+            name, op_type, ins, outs = "", "", [], []
+            for f, v in _fields(buf, value[0], value[1]):
+                if f == 1:
+                    ins.append(_text(buf, v))
+                elif f == 2:
+                    outs.append(_text(buf, v))
+                elif f == 3:
+                    name = _text(buf, v)
+                elif f == 4:
+                    op_type = _text(buf, v)
+            nodes.append((name, op_type, ins, outs))
+        elif field == 5:  # TensorProto initializer, name = 8
+            initializers.add(_first_string(buf, value, 8))
+        elif field == 11:  # ValueInfoProto, name = 1
+            inputs.append(_first_string(buf, value, 1))
+        elif field == 12:
+            outputs.append(_first_string(buf, value, 1))
+    return {"inputs": [n for n in inputs if n not in initializers], "outputs": outputs,
+            "initializers": initializers, "nodes": nodes}
+
+
+def read_onnx_graph(path):
+    with open(path, "rb") as f:
+        try:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (ValueError, OSError):  # empty file, or not mappable
+            return parse_onnx_graph(f.read())
+    try:
+        return parse_onnx_graph(mapped)
+    finally:
+        mapped.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def _shape(var):
+    # CNTK marks free (-3) and inferred (-1) dimensions with negatives: None on the wire
+    return [d if d >= 0 else None for d in var.shape]
+
+
+def _dtype(var):
+    return np.dtype(var.dtype).str
+
+
+def _var_info(name, var, matched):
+    return {"name": name, "shape": _shape(var), "dtype": _dtype(var), "cntk_name": var.name,
+            "cntk_uid": var.uid, "matched": matched}
+
+
+class Model(object):
+    def __init__(self, path, device_spec, device, function, graph, notes):
+        self.path = path
+        self.device_spec = device_spec
+        self.device = device
+        self.function = function
+        self.graph = graph  # parse_onnx_graph() result, or None
+        self.notes = notes
+        self.inputs = []   # [(onnx name, Variable, how matched)]
+        self.outputs = []
+        self.combos = {}   # tuple of requested names -> (combined function, index per name)
+        self._index = None
+        self._map_inputs()
+        self.input_by_name = dict((n, v) for n, v, _ in self.inputs)
+        self._map_outputs()
+        self.output_by_name = dict((n, v) for n, v, _ in self.outputs)
+
+    def _map_inputs(self):
+        args = list(self.function.arguments)
+        onnx_inputs = self.graph["inputs"] if self.graph else []
+        by_name = dict((a.name, a) for a in args)
+        named = [n for n in onnx_inputs if n in by_name]
+        left_onnx = [n for n in onnx_inputs if n not in by_name]
+        used = set(by_name[n].uid for n in named)
+        left_args = [a for a in args if a.uid not in used]
+        pairs = dict((n, (by_name[n], "name")) for n in named)
+        if left_onnx and len(left_onnx) == len(left_args):
+            self.notes.append("inputs %s matched to CNTK arguments by position" % left_onnx)
+            pairs.update((n, (a, "order")) for n, a in zip(left_onnx, left_args))
+            left_args = []
+        order = onnx_inputs if self.graph else []
+        self.inputs = [(n, pairs[n][0], pairs[n][1]) for n in order if n in pairs]
+        self.inputs += [(a.name or a.uid, a, "cntk") for a in left_args]
+
+    def _map_outputs(self):
+        outs = list(self.function.outputs)
+        if not self.graph:
+            self.outputs = [(o.name or o.uid, o, "cntk") for o in outs]
+            return
+        producer = self.producers()
+        pairs = {}
+        used = set()
+        for t in self.graph["outputs"]:
+            if t in self.input_by_name:  # an input passed straight through
+                pairs[t] = (self.input_by_name[t], "name")
+                continue
+            node = producer.get(t)
+            if node is None or not node[0][0]:
+                continue
+            (name, _op, _ins, node_outs), index = node
+            cands = [o for o in outs if o.name == name and o.uid not in used]
+            if len(cands) > 1 and len(cands) == len(node_outs):
+                cands = [cands[index]]
+            if len(cands) == 1:
+                pairs[t] = (cands[0], "name")
+                used.add(cands[0].uid)
+        # unnamed producers: CNTK lists outputs in ONNX node order, so pair the rest that way
+        left = [t for t in self.graph["outputs"] if t not in pairs]
+        left_outs = [o for o in outs if o.uid not in used]
+        if left and len(left) == len(left_outs):
+            rank = dict((t, i) for i, (_n, _o, _i, node_outs) in enumerate(self.graph["nodes"])
+                        for t in node_outs)
+            left.sort(key=lambda t: rank.get(t, -1))
+            for t, o in zip(left, left_outs):
+                pairs[t] = (o, "order")
+            self.notes.append("outputs %s matched to CNTK outputs by node order (their ONNX "
+                              "nodes have no name)" % left)
+            left_outs = []
+        self.outputs = [(t, pairs[t][0], pairs[t][1]) for t in self.graph["outputs"] if t in pairs]
+        self.outputs += [(o.name or o.uid, o, "cntk") for o in left_outs]
+
+    def producers(self):
+        """ONNX tensor name -> (node tuple, output index)."""
+        out = {}
+        for node in self.graph["nodes"]:
+            for i, t in enumerate(node[3]):
+                out[t] = (node, i)
+        return out
+
+    # -- the CNTK graph, indexed once on demand
+
+    def index(self):
+        if self._index is None:
+            from cntk.logging.graph import depth_first_search
+            found = depth_first_search(self.function, lambda n: True, depth=0)
+            funcs = [n for n in found if isinstance(n, cntk.Function)]
+            if funcs and funcs[0].op_name == "Combine" and funcs[0].uid == self.function.uid:
+                funcs = funcs[1:]  # the root combine of a multi-output model is no real node
+            by_name = {}
+            for f in funcs:
+                by_name.setdefault(f.name, []).append(f)
+            var_by_uid = {}
+            for f in funcs:
+                for o in f.outputs:
+                    var_by_uid[o.uid] = o
+            for a in self.function.arguments:
+                var_by_uid[a.uid] = a
+            self._index = {"funcs": funcs, "by_name": by_name,
+                           "by_uid": dict((f.uid, f) for f in funcs), "var_by_uid": var_by_uid}
+        return self._index
+
+    def node_named(self, name):
+        """The CNTK function an ONNX node became: CNTK may build several functions with the
+        node's name; the one whose output no other of them consumes is the node's result."""
+        cands = self.index()["by_name"].get(name) or []
+        if len(cands) <= 1:
+            return cands[0] if cands else None
+        fed = set()
+        for f in cands:
+            for i in f.inputs:
+                if i.is_output:
+                    fed.add(i.owner.uid)
+        last = [f for f in cands if f.uid not in fed]
+        return (last or cands)[0]
+
+    def onnx_node_map(self):
+        """CNTK function uid -> ONNX output tensors, for nodes whose ONNX node has a name."""
+        out = {}
+        if not self.graph:
+            return out
+        for name, _op, _ins, node_outs in self.graph["nodes"]:
+            if name:
+                f = self.node_named(name)
+                if f is not None:
+                    out.setdefault(f.uid, []).extend(node_outs)
+        return out
+
+    def resolve(self, name):
+        """The CNTK variable for a requested output name."""
+        if name in self.output_by_name:
+            return self.output_by_name[name]
+        if name in self.input_by_name:
+            return self.input_by_name[name]
+        if self.graph:
+            produced = self.producers().get(name)
+            if produced is not None:
+                (node_name, op_type, _ins, node_outs), index = produced
+                if not node_name:
+                    raise _protocol_error(
+                        "ONNX tensor %r comes from an unnamed %s node and CNTK drops the names "
+                        "of unnamed nodes; name the node, or ask for a CNTK uid from 'nodes'"
+                        % (name, op_type))
+                f = self.node_named(node_name)
+                if f is not None:
+                    if len(f.outputs) == len(node_outs):
+                        return f.outputs[index]
+                    if index == 0:
+                        return f.outputs[0]
+                    raise _protocol_error("ONNX tensor %r is output %d of node %r, but its CNTK "
+                                          "function %s has %d outputs"
+                                          % (name, index, node_name, f.uid, len(f.outputs)))
+        idx = self.index()
+        f = self.node_named(name) or idx["by_uid"].get(name)
+        if f is not None:
+            if len(f.outputs) != 1:
+                raise _protocol_error("node %r has %d outputs; ask for one by uid: %s"
+                                      % (name, len(f.outputs), [o.uid for o in f.outputs]))
+            return f.outputs[0]
+        if name in idx["var_by_uid"]:
+            return idx["var_by_uid"][name]
+        raise _protocol_error("no output, ONNX tensor, node or uid named %r in %s (outputs: %s)"
+                              % (name, self.path, [n for n, _v, _m in self.outputs]))
+
+    def combo(self, names):
+        key = tuple(names)
+        hit = self.combos.get(key)
+        if hit is None:
+            variables = []
+            slot = {}
+            for name in names:
+                var = self.resolve(name)
+                if var.uid not in slot:
+                    slot[var.uid] = len(variables)
+                    variables.append(var)
+            combined = _cntk_call(cntk.combine, variables)
+            hit = (combined, [slot[self.resolve(n).uid] for n in names])
+            self.combos[key] = hit
+        return hit
+
+    def feed(self, arrays):
+        feed = {}
+        for name, value in arrays.items():
+            var = self.input_by_name.get(name)
+            if var is None:
+                raise _protocol_error("model %s has no input %r (inputs: %s)"
+                                      % (self.path, name, [n for n, _v, _m in self.inputs]))
+            feed[var] = value
+        return feed
+
+    def evaluate(self, names, feed):
+        """[array per requested name]."""
+        combined, slots = self.combo(names)
+        result = _cntk_call(combined.eval, feed, device=self.device)
+        outs = combined.outputs
+        if not isinstance(result, dict):
+            values = [result]
+        else:
+            values = [result[o] for o in outs]
+        return [np.asarray(values[s]) for s in slots]
+
+
+# ---------------------------------------------------------------------------------------------
+# Request handlers: (state, header, arrays) -> (reply fields, reply arrays)
+
+
+class State(object):
+    def __init__(self, facts):
+        self.facts = facts
+        self.models = {}
+        self.next_handle = 1
+        self.started = time.time()
+
+
+def _field(header, name, kind=None):
+    if name not in header:
+        raise _protocol_error("request %r lacks the field %r" % (header.get("op"), name))
+    value = header[name]
+    if kind is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+        raise _protocol_error("field %r must be %s, not %r" % (name, kind.__name__, value))
+    return value
+
+
+def _model(state, header):
+    handle = _field(header, "handle", int)
+    model = state.models.get(handle)
+    if model is None:
+        raise _protocol_error("no model with handle %d in this worker (pid %d; loaded: %s)"
+                              % (handle, os.getpid(), sorted(state.models)))
+    return model
+
+
+def _names(header, model):
+    names = header.get("outputs")
+    if names is None:
+        return [n for n, _v, _m in model.outputs]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not names:
+        raise _protocol_error("'outputs' must be a non-empty list of names, not %r" % (names,))
+    return names
+
+
+def op_ping(state, header, arrays):
+    reply = dict(state.facts)
+    reply.update(pid=os.getpid(), models=len(state.models),
+                 uptime_s=time.time() - state.started)
+    return reply, None
+
+
+def op_echo(state, header, arrays):
+    noise = header.get("stdout_noise")
+    if noise:  # exercises the stdout guard: this must land on stderr, not in the frame stream
+        print(noise)
+        sys.stdout.flush()
+        os.write(1, (str(noise) + "\n").encode("utf-8"))
+    layout = [{"name": n, "dtype": a.dtype.str, "shape": list(a.shape),
+               "aligned": bool(a.flags.aligned), "writeable": bool(a.flags.writeable)}
+              for n, a in arrays.items()]
+    return {"meta": header.get("meta"), "received": layout}, arrays
+
+
+def op_load(state, header, arrays):
+    path = _field(header, "path", str)
+    spec = header.get("device", "cpu")
+    device = parse_device(spec)
+    function = _cntk_call(cntk.Function.load, path, device=device,
+                          format=cntk.ModelFormat.ONNX)
+    notes = []
+    try:
+        graph = read_onnx_graph(path)
+    except Exception as exc:  # CNTK read it, so this is our parser: fall back to CNTK names
+        graph = None
+        notes.append("could not read ONNX names (%s: %s); using CNTK names" % (
+            type(exc).__name__, exc))
+    model = Model(path, spec, device, function, graph, notes)
+    handle = state.next_handle
+    state.next_handle += 1
+    state.models[handle] = model
+    return {"handle": handle, "device": spec,
+            "inputs": [_var_info(n, v, m) for n, v, m in model.inputs],
+            "outputs": [_var_info(n, v, m) for n, v, m in model.outputs],
+            "notes": notes}, None
+
+
+def op_eval(state, header, arrays):
+    model = _model(state, header)
+    names = _names(header, model)
+    feed = model.feed(arrays)
+    started = time.perf_counter()
+    values = model.evaluate(names, feed)
+    elapsed = time.perf_counter() - started
+    out = {}
+    for name, value in zip(names, values):
+        out[name] = value
+    return {"eval_s": elapsed}, out
+
+
+def op_bench(state, header, arrays):
+    model = _model(state, header)
+    n = _field(header, "n", int)
+    names = _names(header, model)
+    feed = model.feed(arrays)
+    for _ in range(int(header.get("warmup", 3))):
+        model.evaluate(names, feed)
+    times = []
+    clock = time.perf_counter
+    for _ in range(n):
+        t0 = clock()
+        model.evaluate(names, feed)
+        times.append(clock() - t0)
+    return {"times_s": times}, None
+
+
+def op_nodes(state, header, arrays):
+    model = _model(state, header)
+    onnx_of = model.onnx_node_map()
+    nodes = []
+    for f in model.index()["funcs"]:
+        nodes.append({
+            "name": f.name, "uid": f.uid, "op_name": f.op_name, "is_block": bool(f.is_block),
+            "inputs": [i.uid for i in f.inputs],
+            "outputs": [{"name": o.name, "uid": o.uid, "shape": _shape(o), "dtype": _dtype(o)}
+                        for o in f.outputs],
+            "onnx_outputs": onnx_of.get(f.uid, []),
+        })
+    return {"nodes": nodes}, None
+
+
+def op_unload(state, header, arrays):
+    _model(state, header)
+    del state.models[header["handle"]]
+    return {}, None
+
+
+def op_shutdown(state, header, arrays):
+    return {}, None
+
+
+HANDLERS = {"ping": op_ping, "echo": op_echo, "load": op_load, "eval": op_eval,
+            "bench": op_bench, "nodes": op_nodes, "unload": op_unload, "shutdown": op_shutdown}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loop
+
+
+def error_reply(type_, message, detail=""):
+    return {"ok": False, "type": type_, "message": message, "detail": detail}
+
+
+def handle(state, header, arrays):
+    op = header.get("op")
+    handler = HANDLERS.get(op) if isinstance(op, str) else None
+    try:
+        if handler is None:
+            raise _protocol_error("unknown op %r (known: %s)" % (op, ", ".join(sorted(HANDLERS))))
+        fields, out = handler(state, header, arrays)
+        reply = {"ok": True}
+        reply.update(fields)
+        return reply, out
+    except RequestError as exc:
+        return error_reply(exc.type, exc.message, exc.detail), None
+    except Exception as exc:
+        return error_reply("InternalError", "%s: %s" % (type(exc).__name__, exc),
+                           traceback.format_exc()), None
+
+
+def serve(frames_in, frames_out, facts):
+    reader = protocol.FrameReader(io.FileIO(frames_in, "rb", closefd=False).readinto)
+    write = io.FileIO(frames_out, "wb", closefd=False).write
+    state = State(facts)
+    while True:
+        try:
+            header, arrays = reader.read_frame()
+        except protocol.StreamClosed:
+            return 0  # the host went away
+        except protocol.ProtocolViolation as exc:
+            reply = error_reply("ProtocolError", str(exc))
+            request = exc.header or {}
+            reply.update(id=request.get("id"), op=request.get("op"))
+            protocol.write_frame(write, reply)
+            continue
+        reply, out = handle(state, header, arrays)
+        del arrays  # the request's payload buffer can go before the reply is built
+        reply.update(id=header.get("id"), op=header.get("op"))
+        try:
+            buffers = protocol.encode_frame(reply, out)
+        except Exception as exc:
+            reply = error_reply("InternalError", "cannot encode the reply: %s: %s"
+                                % (type(exc).__name__, exc), traceback.format_exc())
+            reply.update(id=header.get("id"), op=header.get("op"))
+            buffers = protocol.encode_frame(reply)
+        protocol.write_all(write, buffers)
+        if header.get("op") == "shutdown" and reply.get("ok"):
+            return 0
+
+
+def main():
+    # Ctrl-C in a terminal reaches the whole process group; the host decides when we stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    frames_in, frames_out = protect_stdio()
+    write = io.FileIO(frames_out, "wb", closefd=False).write
+    facts, failure = _import_cntk()
+    base = {"op": "hello", "id": 0, "protocol": protocol.PROTOCOL_VERSION, "pid": os.getpid(),
+            "python": sys.version.split()[0], "executable": sys.executable,
+            "numpy": np.__version__}
+    base.update(facts)
+    if failure is not None:
+        base.update(failure)
+        protocol.write_frame(write, base)
+        return EXIT_IMPORT_FAILED
+    facts.update(python=base["python"], executable=sys.executable, numpy=np.__version__,
+                 cntk=cntk.__version__, devices=device_names(),
+                 protocol=protocol.PROTOCOL_VERSION)
+    base.update(facts)
+    base["ok"] = True
+    protocol.write_frame(write, base)
+    return serve(frames_in, frames_out, facts)
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # skip interpreter teardown: CNTK's native destructors are not worth the risk at exit
+    os._exit(code)
