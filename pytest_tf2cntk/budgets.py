@@ -47,7 +47,7 @@ DEFAULT_OP_ULPS: dict[str, float] = {
     "LSTM": 8.0, "GRU": 8.0, "RNN": 6.0,  # per time step: gates are MatMuls + sigmoid/tanh
 }
 UNKNOWN_OP_ULPS = 8.0  # an op not in the table gets a cautious budget, and is listed in the report
-DEFAULT_HEADROOM = 16.0
+DEFAULT_HEADROOM = 8.0
 UNIT_ROUNDOFF = {np.dtype(np.float16): 2.0 ** -11, np.dtype(np.float32): 2.0 ** -24,
                  np.dtype(np.float64): 2.0 ** -53}
 

@@ -237,20 +237,31 @@ def prove(python: Path, timeout: float = 120) -> str:
                                  hint="run `tf2cntk doctor`") from exc
     if done.returncode == 0:
         return done.stdout.strip().splitlines()[-1]
-    err = done.stderr
-    if "libmpi" in err:
-        lib = next((w for w in err.replace(":", " ").split() if w.startswith("libmpi")), "libmpi")
-        raise EnvironmentProblem(
+    raise environment_problem(python, done.stderr)
+
+
+def environment_problem(python: Path, stderr: str, summary: str | None = None) -> EnvironmentProblem:
+    """Name what is missing in a CNTK interpreter from what it printed, with the fix."""
+    if "libmpi" in stderr:
+        lib = next((w for w in stderr.replace(":", " ").split() if w.startswith("libmpi")), "libmpi")
+        return EnvironmentProblem(
             f"CNTK cannot load {lib} (OpenMPI 1.10 soname) in {python}.",
             hint=f"`{APT_FIX}` then `tf2cntk setup` (it creates the compat links in "
                  f"{mpi_compat_dir_for(python)})")
-    if "No module named 'cntk'" in err or "No module named cntk" in err:
-        raise EnvironmentProblem(f"cntk is not installed in {python}.",
-                                 hint=f"`{python} -m pip install cntk=={CNTK_VERSION}` or "
-                                      "`tf2cntk setup`")
-    last = [ln for ln in err.strip().splitlines() if ln.strip()][-1:] or ["no output"]
-    raise EnvironmentProblem(f"CNTK does not work in {python}: {last[0]}",
-                             hint="run `tf2cntk setup --force` to rebuild the environment")
+    if "No module named 'cntk'" in stderr or "No module named cntk" in stderr:
+        return EnvironmentProblem(f"cntk is not installed in {python}.",
+                                  hint=f"`{python} -m pip install cntk=={CNTK_VERSION}` or "
+                                       "`tf2cntk setup`")
+    if "No module named 'numpy'" in stderr:
+        return EnvironmentProblem(f"numpy is not installed in {python}: it is not a CNTK "
+                                  "environment's interpreter.",
+                                  hint=f"unset {ENV_CNTK_PYTHON} / --tf2cntk-cntk-python, or run "
+                                       "`tf2cntk setup`")
+    last = [ln for ln in stderr.strip().splitlines() if ln.strip()][-1:] or ["no output"]
+    return EnvironmentProblem(summary.format(last=last[0]) if summary
+                              else f"CNTK does not work in {python}: {last[0]}",
+                              hint="run `tf2cntk doctor`, or `tf2cntk setup --force` to rebuild "
+                                   "the environment")
 
 
 def installed_cntk_dist(python: Path) -> str | None:

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import onnx
 
 from .conversion_cache import ConversionCache
-from .errors import ConversionError, ModelLoadError, Tf2CntkError, ValidationError
+from .errors import ConversionError, ModelLoadError, ValidationError
 from .tf_model import TensorInfo, TFModel, load_tf_model
 from .validation import Problem
 
@@ -69,6 +69,17 @@ class Conversion:
         return "\n".join(lines)
 
 
+def pipeline_fingerprint() -> str:
+    """Hash of the code that shapes a conversion, so editing a pass or a rule invalidates the cache."""
+    import hashlib
+
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for name in ("conversion.py", "passes.py", "validation.py", "onnx_graph.py", "domains.py", "tf_model.py"):
+        h.update((here / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
 class _LogCapture(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.INFO)
@@ -78,12 +89,16 @@ class _LogCapture(logging.Handler):
         self.lines.append(f"{record.levelname}: {record.getMessage()}")
 
 
-def tf_to_onnx(model: TFModel, batch: int, opset: int) -> onnx.ModelProto:
-    """tf2onnx at a fixed batch; its log becomes part of the error when it fails."""
+def tf_to_onnx(model: TFModel, batch: int, opset: int, free_batch: bool = False) -> onnx.ModelProto:
+    """tf2onnx at a fixed batch; its log becomes part of the error when it fails.
+
+    With ``free_batch`` the graph is converted with a free batch dimension which is then fixed
+    in the ONNX graph (the passes fold the shape arithmetic that leaves behind).
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tf2onnx
 
-    fn, specs = model.tf_function(batch)
+    fn, specs = model.tf_function(None if free_batch else batch)
     logger = logging.getLogger("tf2onnx")
     capture = _LogCapture()
     old_level, old_propagate = logger.level, logger.propagate
@@ -112,9 +127,22 @@ def tf_to_onnx(model: TFModel, batch: int, opset: int) -> onnx.ModelProto:
     for inp in proto.graph.input:
         if inp.name.endswith(":0"):
             rename_tensor(proto, inp.name, inp.name[:-2])
+    if free_batch:
+        for inp in proto.graph.input:
+            dims = inp.type.tensor_type.shape.dim
+            if dims and not dims[0].HasField("dim_value"):
+                dims[0].Clear()
+                dims[0].dim_value = batch
     if opset <= 9:
         proto.ir_version = min(proto.ir_version, CNTK_IR_VERSION)
     return proto
+
+
+CONTROL_FLOW = {"Loop", "Scan", "If"}
+
+
+def _has_control_flow(proto: onnx.ModelProto) -> bool:
+    return any(n.op_type in CONTROL_FLOW for n in proto.graph.node)
 
 
 def convert(path: str | os.PathLike, *, batch: int = DEFAULT_BATCH, opset: int = DEFAULT_OPSET,
@@ -122,7 +150,7 @@ def convert(path: str | os.PathLike, *, batch: int = DEFAULT_BATCH, opset: int =
             cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
             apply_passes: bool = True, progress: Callable[[str], None] | None = None) -> Conversion:
     """Convert one model for CNTK. Raises ModelLoadError, ConversionError or ValidationError."""
-    from .passes import PASSES_VERSION, run_passes
+    from .passes import run_passes
     from .tf_model import detect_kind
     from .validation import validate
 
@@ -134,7 +162,7 @@ def convert(path: str | os.PathLike, *, batch: int = DEFAULT_BATCH, opset: int =
     cache = ConversionCache(Path(cache_dir) if cache_dir else None)
     options = {"batch": batch, "opset": opset, "signature": signature, "passes": apply_passes,
                "unsafe_load": unsafe_load}
-    key = cache.key(source, options, PASSES_VERSION)
+    key = cache.key(source, options, pipeline_fingerprint())
     started = time.perf_counter()
 
     def from_entry(onnx_path: Path, meta: dict[str, Any], hit: bool) -> Conversion:
@@ -168,10 +196,22 @@ def convert(path: str | os.PathLike, *, batch: int = DEFAULT_BATCH, opset: int =
                                 "outputs": [o.to_json() for o in tf_model.outputs]}
         try:
             proto = tf_to_onnx(tf_model, batch, opset)
-            records = []
+            records: list = []
+            if _has_control_flow(proto):
+                # Keras 3 LSTM becomes a Loop at batch 1 but an ONNX LSTM with a free batch:
+                # convert free, fix the batch in ONNX, and keep it if the Loop is gone.
+                free = tf_to_onnx(tf_model, batch, opset, free_batch=True)
+                if not _has_control_flow(free):
+                    from .passes import PassRecord
+
+                    proto = free
+                    records.append(PassRecord("free_batch_conversion", 1,
+                                              "tf2onnx emitted Loop at a fixed batch; converted with "
+                                              "a free batch, then fixed it"))
             if apply_passes:
                 say("applying CNTK compatibility passes ...")
-                proto, records = run_passes(proto)
+                proto, applied = run_passes(proto)
+                records += applied
             warnings = validate(proto, str(source))
         except (ConversionError, ValidationError) as exc:
             meta["error"] = {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint,
@@ -195,5 +235,3 @@ def convert(path: str | os.PathLike, *, batch: int = DEFAULT_BATCH, opset: int =
     return result
 
 
-def first_error_line(exc: Tf2CntkError) -> str:
-    return exc.message.splitlines()[0]

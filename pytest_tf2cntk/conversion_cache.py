@@ -62,9 +62,9 @@ class ConversionCache:
     def __init__(self, root: Path | None = None) -> None:
         self.root = Path(root or default_cache_dir())
 
-    def key(self, model_path: Path, options: dict[str, Any], passes_version: str) -> str:
+    def key(self, model_path: Path, options: dict[str, Any], pipeline: str) -> str:
         material = {"format": CACHE_FORMAT, "model": hash_model_files(model_path),
-                    "options": options, "versions": package_versions(), "passes": passes_version}
+                    "options": options, "versions": package_versions(), "pipeline": pipeline}
         return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
 
     def entry_dir(self, key: str) -> Path:

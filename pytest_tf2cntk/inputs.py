@@ -81,8 +81,19 @@ class InputRecipe:
         flat[mask] = values
         return flat
 
-    def describe(self) -> str:
-        text = f"{self.distribution} seed={self.seed} range=[{self.lo_frac:.3g}, {self.hi_frac:.3g}]"
+    def describe(self, dom: InputDomain | None = None) -> str:
+        """E.g. 'uniform in [-0.5, 1] seed=3 + 2% zeros' (values, when the domain is known)."""
+        if dom is not None:
+            width = dom.high - dom.low
+            lo, hi = dom.low + self.lo_frac * width, dom.low + self.hi_frac * width
+            if dom.kind != "float":
+                lo, hi = int(np.floor(lo)), max(int(np.ceil(hi)), int(np.floor(lo)) + 1)
+        else:
+            lo, hi = self.lo_frac, self.hi_frac
+        if self.distribution == "constant":
+            text = f"constant {lo:.6g}"
+        else:
+            text = f"{self.distribution} in [{lo:.6g}, {hi:.6g}] seed={self.seed}"
         if self.special != "none":
             text += f" + {self.special_frac:.0%} {self.special}"
         return text

@@ -73,7 +73,8 @@ def compare(ref: np.ndarray, got: np.ndarray) -> Metrics:
     # NaN/Inf must agree exactly: same positions, same values (+inf vs -inf differ)
     nan_mismatch = int(np.count_nonzero((finite_r != finite_g) |
                                         (~finite_r & ~finite_g & ~((r == g) | (np.isnan(r) & np.isnan(g))))))
-    diff = np.where(both, np.abs(r - g), 0.0)
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = np.where(both, np.abs(r - g), 0.0)
     ref_scale = float(np.sqrt(np.mean(np.square(np.where(finite_r, r, 0.0)))))
     tiny = float(np.finfo(ref.dtype).tiny) if np.issubdtype(ref.dtype, np.floating) else 1.0
     floor = max(REL_FLOOR_FRACTION * ref_scale, tiny)

@@ -325,7 +325,7 @@ class ParityEngine:
             passed=failed_key is None and all(c.passed for c in checks.values()), outputs=checks,
             examples=state["evals"], seconds=time.perf_counter() - started,
             conversion=conversion_summary(self.conversion, self.cntk_onnx),
-            inputs={k: v.describe() for k, v in recipes.items()},
+            inputs={k: v.describe(self.domains.get(k)) for k, v in recipes.items()},
             input_domains={k: d.to_json() for k, d in self.domains.items()},
             timings=dict(self.timings), seed=seed, versions=versions())
         if failed_key is not None:

@@ -17,7 +17,6 @@ from . import onnx_graph as og
 from .domains import derive_domains, random_feeds
 from .errors import PassMismatch
 
-PASSES_VERSION = "1"  # bump when a pass changes what it emits (part of the conversion cache key)
 _FOLD_LIMIT = 1 << 24  # never materialize folded constants bigger than this many elements
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                      "Multinomial"}

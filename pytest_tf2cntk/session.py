@@ -63,9 +63,8 @@ class ModelHandle:
         return onnxrt.run(self.onnx, feeds)
 
     def run_cntk(self, feeds: dict[str, Any], device: str = "cpu", outputs: list[str] | None = None) -> dict[str, Any]:
-        worker = self.session.worker()
-        loaded = worker.load(str(self.conversion.onnx_path), device=device)
-        return worker.eval(loaded, feeds, outputs)
+        return self.session.worker().eval(self.session.loaded(self.conversion.onnx_path, device),
+                                          feeds, outputs)
 
     def check(self, device: str = "cpu", **kwargs: Any) -> Any:
         """A full parity check with this test's budgets and input ranges; returns a ParityResult."""
@@ -82,6 +81,7 @@ class Tf2CntkSession:
     conversions: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     _converted: dict[Path, Any] = field(default_factory=dict)
+    _loaded: dict[tuple[str, str], Any] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
 
     # -- models ---------------------------------------------------------------------------
@@ -122,6 +122,13 @@ class Tf2CntkSession:
         from .worker_client import get_worker
 
         return get_worker(self.settings.cntk_python)
+
+    def loaded(self, onnx_path: Path, device: str) -> Any:
+        """The model loaded in the worker, once per (file, device) for the whole session."""
+        key = (str(onnx_path), device)
+        if key not in self._loaded:
+            self._loaded[key] = self.worker().load(str(onnx_path), device=device)
+        return self._loaded[key]
 
     # -- parity ---------------------------------------------------------------------------
     def parity(self, conv: Any, device: str, budgets: dict | None = None,
@@ -164,7 +171,7 @@ class Tf2CntkSession:
 
     def progress(self, config: Any, msg: str) -> None:
         reporter = config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None and config.option.verbose >= 0 and self.worker_id is None:
+        if reporter is not None and config.option.verbose > 0 and self.worker_id is None:
             reporter.write_line(f"tf2cntk: {msg}")
 
     def _rel(self, path: Path) -> str:

@@ -93,14 +93,14 @@ class TFModel:
                 return list(out) if isinstance(out, (list, tuple)) else [out]
         return tf.function(call, input_signature=specs, autograph=False)
 
-    def tf_function(self, batch: int) -> tuple[Callable, list]:
-        """A concrete-shape tf.function and its signature, for tf2onnx.convert.from_function."""
+    def tf_function(self, batch: int | None) -> tuple[Callable, list]:
+        """A tf.function and its signature for tf2onnx.convert.from_function; batch None = free."""
         import tensorflow as tf
 
-        key = ("cpu",) + tuple((i.name, i.with_batch(batch)) for i in self.inputs)
+        shapes = [i.with_batch(batch) if batch else (None,) + i.with_batch(1)[1:] for i in self.inputs]
+        key = ("cpu",) + tuple((i.name, s) for i, s in zip(self.inputs, shapes))
         fn = self._trace(key, "cpu")
-        specs = [tf.TensorSpec(i.with_batch(batch), tf.as_dtype(i.dtype), name=i.name)
-                 for i in self.inputs]
+        specs = [tf.TensorSpec(s, tf.as_dtype(i.dtype), name=i.name) for i, s in zip(self.inputs, shapes)]
         return fn, specs
 
 

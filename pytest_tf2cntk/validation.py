@@ -89,6 +89,7 @@ class Context:
     consts: dict[str, np.ndarray]
     shapes: dict[str, tuple]
     opset: int
+    used: set[str]  # tensors some node or graph output reads
 
 
 def _attr_limits(node: onnx.NodeProto, ctx: Context) -> str | None:
@@ -134,7 +135,7 @@ def _attr_limits(node: onnx.NodeProto, ctx: Context) -> str | None:
             return (f"CNTK's RNN importer assumes batch 1, this {node.op_type} runs batch {x[1]}")
         if any(i and i not in ctx.consts for i in node.input[1:4]):
             return f"{node.op_type} weights W/R/B must be initializers for CNTK"
-        if len(node.output) > 1 and any(node.output[1:]):
+        if any(o in ctx.used for o in node.output[1:] if o):
             return f"CNTK builds only Y of {node.op_type}; Y_h/Y_c consumers break"
     if node.op_type == "Cast" and og.attr(node, "to") not in _FLOAT_TYPES:
         return "CNTK makes casts to integer/bool a silent pass-through (no rounding)"
@@ -176,7 +177,8 @@ def check_support(model: onnx.ModelProto) -> list[Problem]:
             problems.append(Problem(vi.name, "<input>", vi.name, "input type "
                                     f"{onnx.TensorProto.DataType.Name(tt.elem_type)} cannot be fed to CNTK",
                                     "cast inputs to float32 outside the model"))
-    ctx = Context(og.constant_values(model), og.infer_shapes(model), opset)
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    ctx = Context(og.constant_values(model), og.infer_shapes(model), opset, used)
     for node in model.graph.node:
         origin = og.tf_origin(node)
         if node.domain not in ("", "ai.onnx"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import concurrent.futures
 import fcntl
 import itertools
 import os
@@ -30,7 +31,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from .cntk_env import APT_FIX, CNTK_VERSION, mpi_compat_dir_for, resolve_cntk_python, worker_environ
+from . import cntk_env
+from .cntk_env import resolve_cntk_python, worker_environ
 from .errors import (CNTKError, DeviceUnavailable, EnvironmentProblem, ProtocolError, WorkerCrashed,
                      WorkerError, WorkerTimeout)
 from .worker import protocol
@@ -42,6 +44,7 @@ START_TIMEOUT = 120.0     # interpreter start + `import cntk` (about 0.5 s when 
 STDERR_LINES = 2000
 PIPE_SIZE = 1 << 20       # bigger pipes: fewer wake-ups per MiB of array data
 CRASH_TAIL_LINES = 20
+_MARK = "[tf2cntk]"  # the client's own lines in the stderr ring (start-up markers)
 
 
 @dataclass(frozen=True)
@@ -110,23 +113,9 @@ def describe_exit(returncode: int | None) -> str:
 
 
 def environment_problem(python: Path, text: str, returncode: int | None) -> EnvironmentProblem:
-    """The start-up failure of a worker, named with its fix (same wording as cntk_env.prove)."""
-    if "libmpi" in text:
-        lib = next((w for w in text.replace(":", " ").split() if w.startswith("libmpi")), "libmpi")
-        return EnvironmentProblem(
-            f"CNTK cannot load {lib} (OpenMPI 1.10 soname) in {python}.",
-            hint=f"`{APT_FIX}` then `tf2cntk setup` (it creates the compat links in "
-                 f"{mpi_compat_dir_for(python)})")
-    if "No module named 'cntk'" in text or "No module named cntk" in text:
-        return EnvironmentProblem(f"cntk is not installed in {python}.",
-                                  hint=f"`{python} -m pip install cntk=={CNTK_VERSION}` or "
-                                       "`tf2cntk setup`")
-    if "No module named 'numpy'" in text:
-        return EnvironmentProblem(f"numpy is not installed in {python}.", hint="`tf2cntk setup`")
-    last = [ln for ln in text.strip().splitlines() if ln.strip()][-1:] or ["no output"]
-    return EnvironmentProblem(
-        f"The CNTK worker ({python}) {describe_exit(returncode)} before it was ready: {last[0]}",
-        hint="run `tf2cntk doctor`, or `tf2cntk setup --force` to rebuild the environment")
+    """The start-up failure of a worker, named with its fix."""
+    return cntk_env.environment_problem(
+        python, text, f"The CNTK worker ({python}) {describe_exit(returncode)} before it was ready: {{last}}")
 
 
 def _error_from_reply(reply: Mapping[str, Any]) -> Exception:
@@ -203,22 +192,24 @@ class _Process:
             except OSError:
                 pass  # above /proc/sys/fs/pipe-max-size: the default still works
         os.set_blocking(self.stdin_fd, False)  # so a hung worker cannot block a write forever
+        # poll, not select: no FD_SETSIZE limit in processes with many open files
+        self._readable = select.poll()
+        self._readable.register(self.stdout_fd, select.POLLIN)
+        self._writable = select.poll()
+        self._writable.register(self.stdin_fd, select.POLLOUT)
 
     @property
     def pid(self) -> int:
         return self.popen.pid
 
-    def _wait_ready(self, fd: int, write: bool) -> None:
+    def _wait_ready(self, poller: select.poll) -> None:
         remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise _Deadline
-        ready = select.select([], [fd], [], remaining) if write else select.select([fd], [], [], remaining)
-        if not (ready[1] if write else ready[0]):
+        if remaining <= 0 or not poller.poll(max(1, int(remaining * 1000 + 0.999))):
             raise _Deadline
 
     def recv_into(self, view: memoryview) -> int:
         while True:
-            self._wait_ready(self.stdout_fd, write=False)
+            self._wait_ready(self._readable)
             try:
                 return os.readv(self.stdout_fd, [view])
             except BlockingIOError:
@@ -226,7 +217,7 @@ class _Process:
 
     def write(self, view: memoryview) -> int:
         while True:
-            self._wait_ready(self.stdin_fd, write=True)
+            self._wait_ready(self._writable)
             try:
                 return os.write(self.stdin_fd, view)
             except BlockingIOError:
@@ -287,6 +278,7 @@ class CNTKWorker:
         self._ids = itertools.count(1)
         self._handles = itertools.count(1)
         self._models: dict[int, _ModelRecord] = {}
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.in_flight: str | None = None   # op being waited for (for diagnostics and tests)
         self.starts = 0
         self.last_exit: str | None = None   # how the previous worker ended
@@ -319,17 +311,17 @@ class CNTKWorker:
 
     def _start(self) -> _Process:
         python = self.python
-        self._ring.add(f"--- starting CNTK worker: {python} {SERVER_SCRIPT}")
+        self._ring.add(f"{_MARK} starting CNTK worker: {python} {SERVER_SCRIPT}")
         try:
             popen = subprocess.Popen([str(python), "-u", str(SERVER_SCRIPT)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=worker_environ(python),
                                      bufsize=0, close_fds=True)
         except OSError as exc:
-            raise EnvironmentProblem(f"Cannot start the CNTK Python interpreter {python}: "
-                                     f"{exc.strerror or exc}.",
-                                     hint="run `tf2cntk setup` (or point "
-                                          "--tf2cntk-cntk-python at a working interpreter)") from exc
+            raise EnvironmentProblem(
+                f"Cannot start the CNTK Python interpreter {python}: {exc.strerror or exc}.",
+                hint="run `tf2cntk setup` (or point --tf2cntk-cntk-python at a working "
+                     "interpreter)") from exc
         proc = _Process(popen, self._ring.drain(popen.stderr.fileno()))
         proc.deadline = time.monotonic() + self.start_timeout
         try:
@@ -354,16 +346,16 @@ class CNTKWorker:
             raise environment_problem(python, text, returncode)
         proc.hello = hello
         self.starts += 1
-        self._ring.add(f"--- CNTK worker pid {proc.pid} ready")
+        self._ring.add(f"{_MARK} CNTK worker pid {proc.pid} ready")
         return proc
 
     def _tail_since_start(self, n: int = 200) -> str:
         lines = self._ring.tail(n)
         for i in range(len(lines) - 1, -1, -1):
-            if lines[i].startswith("--- starting CNTK worker"):
+            if lines[i].startswith(f"{_MARK} starting CNTK worker"):
                 lines = lines[i + 1:]
                 break
-        return "\n".join(lines)
+        return "\n".join(ln for ln in lines if not ln.startswith(_MARK))
 
     def _drop(self, proc: _Process, how: str) -> None:
         if self._proc is proc:
@@ -372,6 +364,9 @@ class CNTKWorker:
 
     def close(self) -> None:
         """Kill the worker now (no goodbye). The next call starts a new one."""
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False)
         proc = self._proc
         if proc is None:
             return
@@ -432,7 +427,8 @@ class CNTKWorker:
         op = header.get("op", "?")
         buffers = protocol.encode_frame(dict(header, id=rid), arrays)  # bad arrays fail here
         proc = self._ensure_started()
-        return self._roundtrip(proc, op, rid, timeout, lambda: protocol.write_all(proc.write, buffers))
+        return self._roundtrip(proc, op, rid, timeout,
+                               lambda: protocol.write_all(proc.write, buffers))
 
     def _roundtrip(self, proc: _Process, op: str, rid: int | None, timeout: float,
                    send: Callable[[], None], check: bool = True
@@ -459,6 +455,11 @@ class CNTKWorker:
             self._drop(proc, f"sent a bad frame in {op}")
             raise ProtocolError(f"The CNTK worker (pid {proc.pid}) sent a malformed reply to "
                                 f"'{op}': {exc}; it was killed.") from None
+        except BaseException:
+            # interrupted mid-frame (Ctrl-C): the stream position is unknown, start afresh
+            proc.kill()
+            self._drop(proc, f"interrupted in {op}")
+            raise
         finally:
             self.in_flight = None
         if rid is not None and reply.get("id") != rid:
@@ -573,6 +574,19 @@ class CNTKWorker:
             _, out = self._exchange(header, inputs, timeout)
             return out
 
+    def eval_async(self, model: LoadedModel | int, inputs: Mapping[str, Any],
+                   outputs: Iterable[str] | None = None, timeout: float | None = None
+                   ) -> concurrent.futures.Future[dict[str, np.ndarray]]:
+        """``eval`` on a helper thread: returns a Future at once so the caller can compute
+        something else (TensorFlow) meanwhile; ``.result()`` raises what ``eval`` raises."""
+        with self._lock:
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="tf2cntk-eval")
+            executor = self._executor
+        return executor.submit(self.eval, model, inputs,
+                               None if outputs is None else list(outputs), timeout)
+
     def bench(self, model: LoadedModel | int, inputs: Mapping[str, Any], n: int = 1000,
               outputs: Iterable[str] | None = None, warmup: int = 3,
               timeout: float | None = None) -> list[float]:
@@ -587,8 +601,8 @@ class CNTKWorker:
 
     def nodes(self, model: LoadedModel | int, timeout: float | None = None) -> list[NodeInfo]:
         with self._lock:
-            reply, _ = self._exchange({"op": "nodes", "handle": self._worker_handle(model, timeout)},
-                                      None, timeout)
+            handle = self._worker_handle(model, timeout)
+            reply, _ = self._exchange({"op": "nodes", "handle": handle}, None, timeout)
         return [NodeInfo(d["name"], d["uid"], d["op_name"], d["is_block"], list(d["inputs"]),
                          [TensorInfo(o["name"], tuple(o["shape"]), np.dtype(o["dtype"]),
                                      o["name"], o["uid"], "cntk") for o in d["outputs"]],

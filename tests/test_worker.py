@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import struct
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -112,7 +113,8 @@ def worker():
 
 
 def _frame(header_bytes: bytes, payload: bytes = b"") -> bytes:
-    return protocol.PREFIX.pack(protocol.MAGIC, len(header_bytes), len(payload)) + header_bytes + payload
+    prefix = protocol.PREFIX.pack(protocol.MAGIC, len(header_bytes), len(payload))
+    return prefix + header_bytes + payload
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,6 +237,18 @@ def test_eval_mlp_matches_numpy(worker, models):
     got = worker.eval(model, {"x": x})
     assert list(got) == ["y"]
     np.testing.assert_allclose(got["y"], mlp_reference(x)["y"], rtol=1e-5, atol=1e-6)
+
+
+def test_eval_async_returns_a_future(worker, models):
+    model = worker.load(models["mlp"])
+    xs = [RNG.standard_normal((2, 3)).astype(np.float32) for _ in range(3)]
+    futures = [worker.eval_async(model, {"x": x}) for x in xs]
+    for x, future in zip(xs, futures):
+        np.testing.assert_allclose(future.result(timeout=30)["y"], mlp_reference(x)["y"],
+                                   rtol=1e-5, atol=1e-6)
+    bad = worker.eval_async(model, {"nope": xs[0]})
+    with pytest.raises(ProtocolError, match="no input 'nope'"):
+        bad.result(timeout=30)
 
 
 def test_eval_two_inputs_maps_outputs_back_to_onnx_names(worker, models):
@@ -436,6 +450,25 @@ def test_missing_libmpi_is_an_environment_problem(tmp_path, monkeypatch):
         CNTKWorker(python=tmp_path / "bin" / "python").ping()
     text = str(problem.value)
     assert "libmpi" in text and "libopenmpi3" in text and "tf2cntk setup" in text
+
+
+def test_interpreter_without_cntk_is_an_environment_problem():
+    """The host's own venv python runs the worker but cannot import cntk: a failed hello."""
+    host_python = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "python"
+    if not host_python.exists():
+        pytest.skip("no .venv/bin/python")
+    with pytest.raises(EnvironmentProblem, match="cntk is not installed in"):
+        CNTKWorker(python=host_python).ping()
+
+
+def test_interpreter_without_numpy_dies_before_hello():
+    """A python without numpy dies before its first frame; stderr names what is missing."""
+    system = shutil.which("python3", path="/usr/bin")
+    if system is None or subprocess.run([system, "-c", "import numpy"],
+                                        capture_output=True).returncode == 0:
+        pytest.skip("needs a python3 without numpy in /usr/bin")
+    with pytest.raises(EnvironmentProblem, match="numpy is not installed"):
+        CNTKWorker(python=system).ping()
 
 
 def test_get_worker_is_shared_per_interpreter():
