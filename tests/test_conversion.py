@@ -1,0 +1,171 @@
+"""The conversion pipeline with real TensorFlow, tf2onnx, ONNX Runtime and CNTK."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pytest_tf2cntk.conversion import convert
+from pytest_tf2cntk.conversion_cache import ConversionCache
+from pytest_tf2cntk.domains import derive_domains, random_feeds
+from pytest_tf2cntk.errors import ModelLoadError, ValidationError
+from pytest_tf2cntk.metrics import compare
+from pytest_tf2cntk.worker_client import get_worker
+
+from .conftest import FIXTURE_MODELS, FIXTURES, ROOT
+
+# Observed on these machines: CNTK vs TF max |err| / rms(output) <= 1e-6 for every fixture and
+# both keras.applications models (float32); the assertion leaves an order of magnitude of slack.
+OBSERVED_PRECISION = 1e-5
+
+
+def _cntk_matches_tf(conv, seed: int = 0) -> float:
+    rng = np.random.default_rng(seed)
+    feeds = random_feeds(derive_domains(conv.onnx_model), rng)
+    tf_out = conv.tf_model.run(feeds)
+    worker = get_worker()
+    loaded = worker.load(str(conv.onnx_path))
+    cntk_in = {i.name: feeds[i.name].astype(i.dtype) for i in loaded.inputs}
+    try:
+        cntk_out = worker.eval(loaded, cntk_in)
+    finally:
+        worker.unload(loaded)
+    worst = 0.0
+    for name, ref in tf_out.items():
+        m = compare(ref, cntk_out[name].astype(ref.dtype))
+        assert m.shape_ok, (name, ref.shape, cntk_out[name].shape)
+        worst = max(worst, m.max_abs / m.ref_scale)
+    return worst
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURE_MODELS))
+def test_fixture_converts_validates_loads_and_matches(name: str) -> None:
+    conv = convert(FIXTURES / name, batch=FIXTURE_MODELS[name])
+    assert conv.onnx_model.ir_version == 4 and conv.opset == 9
+    assert conv.warnings == [] or all(w["severity"] == "warning" for w in conv.warnings)
+    assert _cntk_matches_tf(conv) < OBSERVED_PRECISION
+
+
+def test_passes_are_recorded_where_the_zoo_needs_them() -> None:
+    cnn = convert(FIXTURES / "cnn_bn.keras", batch=4)
+    assert "squeeze_to_reshape" in [p["name"] for p in cnn.passes]  # GlobalAveragePool + Squeeze
+    lstm = convert(FIXTURES / "lstm.keras", batch=1)
+    names = [p["name"] for p in lstm.passes]
+    assert names[0] == "free_batch_conversion" and "LSTM" in lstm.ops and "Loop" not in lstm.ops
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2_96", "resnet50_64"])
+def test_keras_applications_convert_and_match(name: str) -> None:
+    from .zoo import application_model
+
+    conv = convert(application_model(name), batch=2)
+    assert "Conv" in conv.ops and "Squeeze" not in conv.ops
+    assert _cntk_matches_tf(conv) < OBSERVED_PRECISION
+
+
+def test_gru_fails_validation_naming_the_node() -> None:
+    with pytest.raises(ValidationError) as info:
+        convert(FIXTURES / "gru.keras", batch=1)
+    loops = [p for p in info.value.problems if p.op_type == "Loop"]
+    assert loops and "gru" in loops[0].node and "control flow" in loops[0].reason
+    assert "Loop 'gru" in str(info.value)
+
+
+def test_lstm_at_batch_two_is_refused_before_cntk() -> None:
+    with pytest.raises(ValidationError, match="assumes batch 1.*--tf2cntk-batch 1"):
+        convert(FIXTURES / "lstm.keras", batch=2)
+
+
+def test_cache_hit_is_cheap_and_a_corrupt_entry_is_rebuilt(tmp_path: Path) -> None:
+    cold = convert(FIXTURES / "mlp.keras", batch=3, cache_dir=tmp_path)
+    assert not cold.from_cache
+    started = time.perf_counter()
+    hit = convert(FIXTURES / "mlp.keras", batch=3, cache_dir=tmp_path)
+    assert hit.from_cache and hit.onnx_path == cold.onnx_path
+    assert time.perf_counter() - started < 2.0  # generous; the benchmark measures milliseconds
+    hit.onnx_path.write_bytes(b"garbage")
+    rebuilt = convert(FIXTURES / "mlp.keras", batch=3, cache_dir=tmp_path)
+    assert not rebuilt.from_cache and rebuilt.onnx_model.graph.node
+    # options are part of the key
+    assert ConversionCache(tmp_path).key(FIXTURES / "mlp.keras", {"batch": 3}, "p") != \
+        ConversionCache(tmp_path).key(FIXTURES / "mlp.keras", {"batch": 4}, "p")
+
+
+def test_concurrent_processes_convert_once(tmp_path: Path) -> None:
+    code = ("import sys, json; from pytest_tf2cntk.conversion import convert; "
+            f"c = convert({str(FIXTURES / 'two_io.keras')!r}, batch=2, cache_dir={str(tmp_path)!r}); "
+            "print(json.dumps([c.from_cache, str(c.onnx_path)]))")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")) for _ in range(3)]
+    results = [json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1]) for p in procs]
+    assert sorted(r[0] for r in results) == [False, True, True]  # one converted, two waited and hit
+    assert len({r[1] for r in results}) == 1
+    assert not list(tmp_path.glob(".*"))  # no temp dirs left behind
+
+
+def test_unsafe_lambda_is_refused_then_allowed(tmp_path: Path) -> None:
+    import keras
+
+    inp = keras.Input((4,), name="x")
+    out = keras.layers.Dense(2, name="y")(keras.layers.Lambda(lambda t: t * 2.0, name="doubler")(inp))
+    path = tmp_path / "lambda.keras"
+    keras.Model(inp, out).save(path)
+    with pytest.raises(ModelLoadError, match=r"doubler \(Lambda\).*\n.*--tf2cntk-unsafe-load"):
+        convert(path, cache_dir=tmp_path / "c")
+    conv = convert(path, unsafe_load=True, cache_dir=tmp_path / "c")
+    assert _cntk_matches_tf(conv) < OBSERVED_PRECISION
+
+
+def _bad_inputs(tmp: Path) -> dict[str, Path]:
+    (tmp / "empty").mkdir()
+    trunc = tmp / "trunc.keras"
+    trunc.write_bytes((FIXTURES / "mlp.keras").read_bytes()[:300])
+    rand_h5 = tmp / "random.h5"
+    rand_h5.write_bytes(os.urandom(4096))
+    sm = tmp / "randsm"
+    sm.mkdir()
+    (sm / "saved_model.pb").write_bytes(os.urandom(4096))
+    nosig = tmp / "nosig"
+    import tensorflow as tf
+
+    class Plain(tf.Module):
+        def __init__(self) -> None:
+            self.v = tf.Variable(1.0)
+
+    tf.saved_model.save(Plain(), str(nosig))
+    return {"missing": tmp / "nope.keras", "empty dir": tmp / "empty", "truncated .keras": trunc,
+            "random .h5": rand_h5, "random saved_model.pb": sm, "no signatures": nosig}
+
+
+EXPECTED = {"missing": "does not exist", "empty dir": "is empty", "truncated .keras": "not a valid .keras",
+            "random .h5": "not an HDF5 file", "random saved_model.pb": "could not read the SavedModel",
+            "no signatures": "has no signatures"}
+
+
+def test_bad_inputs_give_one_paragraph_and_exit_2(tmp_path: Path) -> None:
+    cli = str(Path(sys.executable).parent / "tf2cntk")
+    for label, path in _bad_inputs(tmp_path).items():
+        done = subprocess.run([cli, "convert", str(path), "--cache-dir", str(tmp_path / "c")],
+                              capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+        assert done.returncode == 2, (label, done.stderr)
+        assert EXPECTED[label] in done.stderr, (label, done.stderr)
+        assert "Traceback" not in done.stderr, (label, done.stderr)
+        ours = done.stderr[done.stderr.index("tf2cntk convert: error"):]
+        assert len(ours.strip().splitlines()) <= 4, (label, ours)
+
+
+def test_convert_cli_reports_and_loads_in_cntk(tmp_path: Path) -> None:
+    out = tmp_path / "cnn.onnx"
+    done = subprocess.run([str(Path(sys.executable).parent / "tf2cntk"), "convert", str(FIXTURES / "cnn_bn.keras"),
+                           "--batch", "2", "-o", str(out)], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "squeeze_to_reshape" in done.stdout and "cntk      loaded" in done.stdout
+    assert out.stat().st_size > 1000
