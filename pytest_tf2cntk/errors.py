@@ -74,3 +74,10 @@ class PassMismatch(Tf2CntkError):
 
 class DeviceUnavailable(Tf2CntkError):
     """A backend cannot use the requested device; the pytest layer turns this into a skip."""
+
+
+class HistoryError(Tf2CntkError):
+    """The history database cannot be used (corrupt, foreign, newer schema, unknown run or tag).
+
+    The file is never overwritten or repaired: the message names it and says how to move it aside.
+    """

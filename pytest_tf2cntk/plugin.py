@@ -89,7 +89,7 @@ class _ModelItem(pytest.Item):
         return Path(self.parent.path)  # type: ignore[union-attr]
 
     def reportinfo(self) -> tuple[Any, int | None, str]:
-        return self.path, None, f"{self.model_path.name}::{self.name}"
+        return self.path, None, self.name  # failure headline "parity[cpu]"; the message names the model
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
         from .errors import Tf2CntkError

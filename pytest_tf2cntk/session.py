@@ -170,8 +170,12 @@ class Tf2CntkSession:
         return props
 
     def progress(self, config: Any, msg: str) -> None:
+        """Long work (a cold conversion) shows a line in verbose mode, past output capture."""
         reporter = config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None and config.option.verbose > 0 and self.worker_id is None:
+        capman = config.pluginmanager.get_plugin("capturemanager")
+        if reporter is None or capman is None or config.option.verbose <= 0 or self.worker_id is not None:
+            return
+        with capman.global_and_fixture_disabled():
             reporter.write_line(f"tf2cntk: {msg}")
 
     def _rel(self, path: Path) -> str:

@@ -190,6 +190,10 @@ def load_tf_model(path: str | os.PathLike, signature: str | None = None,
     if path.name == "saved_model.pb":
         path = path.parent
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import logging
+
+    # TF warns about "retracing" when many models are traced in one process: that is our design
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
     if kind == "savedmodel":
         return _load_savedmodel(path, signature or DEFAULT_SIGNATURE)
     return _load_keras(path, kind, unsafe_load)

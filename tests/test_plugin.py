@@ -1,0 +1,163 @@
+"""The pytest plugin end to end, in fresh pytest processes (pytester.runpytest_subprocess)."""
+from __future__ import annotations
+
+import json
+import shutil
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from .conftest import FIXTURES
+
+pytest_plugins = ["pytester"]
+QUIET = ("-p", "no:cacheprovider", "--tf2cntk-max-examples=5")
+
+
+@pytest.fixture
+def project(pytester: pytest.Pytester) -> pytest.Pytester:
+    """A user project with copies of a few fixture models (stable, short node ids)."""
+    for name in ("mlp.keras", "two_io.keras", "quantized.keras", "gru.keras"):
+        shutil.copy(FIXTURES / name, pytester.path / name)
+    return pytester
+
+
+def test_model_option_alone_collects_convert_and_parity_items(project: pytest.Pytester) -> None:
+    result = project.runpytest_subprocess("--tf2cntk-model=mlp.keras", "--tf2cntk-batch=2", "-v", *QUIET)
+    result.assert_outcomes(passed=2, skipped=1)
+    result.stdout.fnmatch_lines([
+        "mlp.keras::convert PASSED*",
+        "mlp.keras::parity?cpu? PASSED*",
+        "mlp.keras::parity?gpu? SKIPPED*",
+        "*tf2cntk parity summary*",
+        "model*device*output*error*budget*headroom*examples*verdict",
+        "mlp.keras*cpu*probs*PASS",
+        "mlp.keras*gpu*skipped: no GPU visible to TensorFlow*",
+    ])
+    assert result.ret == 0
+
+
+def test_ini_option_pyproject_tables_and_selection(project: pytest.Pytester) -> None:
+    project.makepyprojecttoml("""
+        [tool.pytest.ini_options]
+        tf2cntk_models = ["mlp.keras"]
+        tf2cntk_devices = "cpu"
+        tf2cntk_batch = "2"
+
+        [tool.tf2cntk.inputs]
+        x = [0.0, 0.25]
+    """)
+    project.makepyfile(test_user="def test_plain():\n    assert True\n")
+    result = project.runpytest_subprocess("-p", "no:cacheprovider", "--tf2cntk-report=report.json", "-v")
+    result.assert_outcomes(passed=3)  # convert, parity[cpu], the user's own test
+    report = json.loads((project.path / "report.json").read_text())
+    (parity,) = report["results"]
+    assert parity["device"] == "cpu" and parity["input_domains"]["x"]["high"] == 0.25
+    only = project.runpytest_subprocess("-p", "no:cacheprovider", "-k", "convert")
+    only.assert_outcomes(passed=1, deselected=2)
+
+
+def test_user_tests_with_fixtures_marker_and_assert_parity(project: pytest.Pytester) -> None:
+    project.makepyfile(test_mine='''
+        import numpy as np
+        import pytest
+        from hypothesis import given, settings, HealthCheck, strategies as st
+        from pytest_tf2cntk import assert_parity
+
+
+        @pytest.mark.tf2cntk(model="mlp.keras", inputs={"x": (0.0, 0.5)})
+        def test_passes(tf2cntk_model):
+            result = assert_parity(tf2cntk_model, "cpu", max_examples=5)
+            assert result.input_domains["x"]["high"] == 0.5
+            feeds = {"x": np.full((1, 16), 0.25, np.float32)}
+            np.testing.assert_allclose(tf2cntk_model.run_cntk(feeds)["probs"],
+                                       tf2cntk_model.run_tf(feeds)["probs"], rtol=1e-5)
+            assert tf2cntk_model.onnx.graph.output[0].name == "probs"
+
+
+        @pytest.mark.tf2cntk(model="mlp.keras")
+        @settings(max_examples=5, suppress_health_check=list(HealthCheck), deadline=None)
+        @given(data=st.data())
+        def test_strategy(tf2cntk_model, data):
+            feeds = data.draw(tf2cntk_model.inputs_strategy())
+            assert feeds["x"].shape == (1, 16) and feeds["x"].min() >= -1
+
+
+        @pytest.mark.tf2cntk(model="quantized.keras")
+        def test_fails_readably(tf2cntk_model):
+            assert_parity(tf2cntk_model, "cpu", max_examples=5)
+    ''')
+    result = project.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(["*ParityFailure: tf2cntk parity FAILED*quantized.keras on cpu*",
+                                 "*output 'y' failed: scaled error * > budget*",
+                                 "*stage: CNTK importer/runtime*", "*replay: tf2cntk replay*"])
+    assert "__tracebackhide__" not in result.stdout.str()
+    assert "def assert_parity" not in result.stdout.str()  # the helper's frame is hidden
+
+
+def test_failing_model_gives_exit_1_and_a_readable_failure(project: pytest.Pytester) -> None:
+    result = project.runpytest_subprocess("--tf2cntk-model=quantized.keras", "--tf2cntk-devices=cpu",
+                                          "--junitxml=junit.xml", *QUIET)
+    assert result.ret == 1
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines([
+        "*_ parity?cpu? _*",
+        "tf2cntk parity FAILED: *quantized.keras on cpu*",
+        "output*scaled err*budget*headroom*",
+        "output 'y' failed: scaled error * > budget *",
+        "*stage: CNTK importer/runtime (ONNX -> CNTK)*",
+        "input: x: constant*",
+        "reproducer: *.npz",
+        "*replay: tf2cntk replay *.npz",
+        "*quantized.keras*cpu*y*FAIL (CNTK importer/runtime*",
+    ])
+    props = {p.get("name"): p.get("value") for p in ET.parse(project.path / "junit.xml").iter("property")}
+    assert props["tf2cntk_passed"] == "False" and float(props["tf2cntk_y_scaled_error"]) > 0.01
+    assert props["tf2cntk_reproducer"].endswith(".npz")
+
+
+def test_conversion_failure_fails_parity_items_with_its_message(project: pytest.Pytester) -> None:
+    result = project.runpytest_subprocess("--tf2cntk-model=gru.keras", "--tf2cntk-devices=cpu", *QUIET)
+    assert result.ret == 1
+    result.assert_outcomes(failed=2, errors=0)
+    result.stdout.fnmatch_lines(["*gru.keras: 1 node(s) CNTK 2.7 cannot import correctly:*",
+                                 "*error: Loop 'gru*CNTK cannot import control flow*"])
+    assert "INTERNALERROR" not in result.stdout.str()
+
+
+def test_xdist_two_workers_one_merged_summary_and_report(project: pytest.Pytester) -> None:
+    result = project.runpytest_subprocess("-n", "2", "--tf2cntk-model=mlp.keras", "--tf2cntk-model=two_io.keras",
+                                          "--tf2cntk-report=merged.json", "--tf2cntk-devices=cpu", *QUIET)
+    result.assert_outcomes(passed=4)
+    out = result.stdout.str()
+    assert out.count("tf2cntk parity summary") == 1
+    result.stdout.fnmatch_lines(["*mlp.keras*cpu*probs*PASS", "*two_io.keras*cpu*probs*PASS",
+                                 "*two_io.keras*cpu*score*PASS"])
+    report = json.loads((project.path / "merged.json").read_text())
+    assert sorted(r["model"] for r in report["results"]) == ["mlp.keras", "two_io.keras"]
+    assert sorted(c["model"] for c in report["conversions"]) == ["mlp.keras", "two_io.keras"]
+
+
+def test_help_shows_every_option_with_its_default(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest_subprocess("--help")
+    out = result.stdout.str()
+    from pytest_tf2cntk.options import OPTIONS
+
+    for option in OPTIONS:
+        assert (option.flag if option.name != "models" else "--tf2cntk-model") in out
+    result.stdout.fnmatch_lines(["*--tf2cntk-devices=LIST*", "*(default: cpu,gpu; ini: tf2cntk_devices)*"])
+
+
+def test_missing_model_path_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest_subprocess("--tf2cntk-model=no/such/model.keras")
+    assert result.ret == 4
+    result.stderr.fnmatch_lines(["*pytest-tf2cntk: model path *no/such/model.keras does not exist*"])
+
+
+def test_github_step_summary_is_written(project: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    summary = project.path / "summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    project.runpytest_subprocess("--tf2cntk-model=mlp.keras", "--tf2cntk-devices=cpu", *QUIET).assert_outcomes(passed=2)
+    text = summary.read_text()
+    assert "## tf2cntk parity" in text and "| mlp.keras | cpu | probs |" in text
