@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 HOST_STAMP := $(VENV)/.tf2cntk-installed
 PYTEST_ARGS ?=
-DEMO_MODEL ?= fixtures/cnn_bn.keras
+DEMO_MODELS ?= fixtures/cnn_bn.keras fixtures/two_io.keras
 
 .PHONY: setup host cntk test demo bench clean fixtures
 
@@ -33,12 +33,17 @@ test: setup
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests; that is a failure" >&2; exit 1; fi; \
 	exit $$rc
 
+# The plugin on bundled fixtures: conversion, Hypothesis parity on cpu (gpu skips with its reason
+# where there is none), the summary table and a JSON report.
 demo: setup
-	@$(VENV)/bin/tf2cntk demo --model $(DEMO_MODEL)
+	@$(PY) -m pytest -p no:cacheprovider fixtures $(foreach m,$(DEMO_MODELS),--tf2cntk-model=$(m)) \
+	  --tf2cntk-report=.tf2cntk/demo-report.json -v
 
 bench: setup
 	$(PY) benchmarks/worker_roundtrip.py
 	$(PY) benchmarks/conversion.py
+	$(PY) benchmarks/engine_overhead.py
+	$(PY) benchmarks/fidelity.py --quick
 
 fixtures: host
 	$(PY) fixtures/build.py
