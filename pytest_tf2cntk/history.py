@@ -1,0 +1,544 @@
+"""The run history: every parity result of every run, in one embedded SQLite file.
+
+The plugin passes the path (default ``<rootdir>/.tf2cntk/history.sqlite``). One row per run
+(time, host, git commit, versions of both sides, options), one per model x device x output
+with every metric, optional per-node rows from layerwise localization, and run tags.
+
+Schema (version 2; ``tf2cntk_schema`` holds one row per applied version)::
+
+  runs     run_id PK, time (ISO 8601 UTC), time_unix, host, git_commit, passed, exitstatus,
+           duration, versions (JSON), options (JSON), and one TEXT column per version key:
+           tensorflow tf2onnx onnx onnxruntime keras numpy python | cntk cntk_numpy cntk_python
+  results  (run_id, model, device, output) PK, scaled_error, budget, headroom, max_abs, max_rel,
+           max_ulp, cosine, top1, stage, passed, examples, unit_roundoff, budget_overridden,
+           converter_error (TF vs ORT), importer_error (ORT vs CNTK)
+  layers   (run_id, model, device, node) PK, op_type, tf_layer, local_error, budget
+  skips    (run_id, model, device) PK, reason
+  tags     name PK, run_id, tagged
+
+Version 1 was the minimal first layout: runs(run_id, time, git_commit, versions, options) and
+results(run_id, model, device, output, scaled_error, budget, passed). A new file is created by
+running every migration from 0, so fresh and migrated files cannot differ.
+
+Choices: a skipped check (``{model, device, skipped: reason}``) goes to ``skips``, so an
+unavailable device shows in reports instead of silently having no rows. The same output measured
+twice in one run (a hand-written test checking a model again) keeps the worst error.
+
+Concurrency: WAL journal, a busy timeout, every write in one ``BEGIN IMMEDIATE`` transaction that
+is retried while the database is locked, so xdist workers and parallel pytest runs lose no rows.
+``synchronous=NORMAL``: a power cut may lose the last run, never corrupt the file.
+
+Safety: the file must carry our ``application_id`` and schema table. A corrupt file or another
+application's database raises ``HistoryError`` naming the file and the fix, and is never written
+to: identity is checked before anything (even the journal mode) is changed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import socket
+import sqlite3
+import subprocess
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+from .errors import HistoryError
+
+APPLICATION_ID = 0x54463243  # "TF2C" in the SQLite header: tells our files from anyone else's
+SCHEMA_VERSION = 2
+SCHEMA_TABLE = "tf2cntk_schema"
+DEFAULT_RELATIVE_PATH = Path(".tf2cntk") / "history.sqlite"
+BUSY_TIMEOUT_S = 10.0  # SQLite waits this long for a lock before reporting "database is locked"
+LOCK_RETRY_S = 120.0  # ... and we keep retrying that long: a slow CI box must not drop a run
+HOST_VERSION_KEYS = ("tensorflow", "tf2onnx", "onnx", "onnxruntime", "keras", "numpy", "python")
+CNTK_VERSION_KEYS = ("cntk", "cntk_numpy", "cntk_python")
+VERSION_KEYS = HOST_VERSION_KEYS + CNTK_VERSION_KEYS
+RESULT_COLUMNS = ("run_id", "model", "device", "output", "scaled_error", "budget", "headroom", "max_abs",
+                  "max_rel", "max_ulp", "cosine", "top1", "stage", "passed", "examples", "unit_roundoff",
+                  "budget_overridden", "converter_error", "importer_error")
+LAYER_COLUMNS = ("run_id", "model", "device", "node", "op_type", "tf_layer", "local_error", "budget")
+_ROOT_MARKERS = ("pyproject.toml", "pytest.ini", "tox.ini", "setup.cfg", ".git")
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------------------------
+# migrations: MIGRATIONS[v] takes a file from version v to v + 1, inside the caller's transaction
+
+
+def _migrate_0_to_1(con: sqlite3.Connection) -> None:
+    con.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    con.execute(f"CREATE TABLE {SCHEMA_TABLE} (version INTEGER PRIMARY KEY, applied TEXT NOT NULL)")
+    con.execute("CREATE TABLE runs (run_id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, "
+                "git_commit TEXT, versions TEXT NOT NULL DEFAULT '{}', options TEXT NOT NULL DEFAULT '{}')")
+    con.execute("CREATE TABLE results (run_id INTEGER NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE, "
+                "model TEXT NOT NULL, device TEXT NOT NULL, output TEXT NOT NULL, scaled_error REAL, "
+                "budget REAL, passed INTEGER, PRIMARY KEY (run_id, model, device, output))")
+
+
+def _migrate_1_to_2(con: sqlite3.Connection) -> None:
+    run_cols = ["time_unix REAL", "host TEXT", "passed INTEGER", "exitstatus INTEGER", "duration REAL"]
+    run_cols += [f"{k} TEXT" for k in VERSION_KEYS]
+    for col in run_cols:
+        con.execute(f"ALTER TABLE runs ADD COLUMN {col}")
+    for col in ("headroom REAL", "max_abs REAL", "max_rel REAL", "max_ulp REAL", "cosine REAL", "top1 REAL",
+                "stage TEXT", "examples INTEGER", "unit_roundoff REAL", "budget_overridden INTEGER",
+                "converter_error REAL", "importer_error REAL"):
+        con.execute(f"ALTER TABLE results ADD COLUMN {col}")
+    con.execute("CREATE TABLE layers (run_id INTEGER NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE, "
+                "model TEXT NOT NULL, device TEXT NOT NULL, node TEXT NOT NULL, op_type TEXT, tf_layer TEXT, "
+                "local_error REAL, budget REAL, PRIMARY KEY (run_id, model, device, node))")
+    con.execute("CREATE TABLE skips (run_id INTEGER NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE, "
+                "model TEXT NOT NULL, device TEXT NOT NULL, reason TEXT, PRIMARY KEY (run_id, model, device))")
+    con.execute("CREATE TABLE tags (name TEXT PRIMARY KEY, run_id INTEGER NOT NULL REFERENCES runs(run_id) "
+                "ON DELETE CASCADE, tagged TEXT NOT NULL)")
+    con.execute("CREATE INDEX results_by_key ON results (model, device, output, run_id)")
+    con.execute("CREATE INDEX layers_by_key ON layers (model, device, node, run_id)")
+    # backfill what v1 rows already imply (in Python: no dependency on SQLite's JSON1)
+    updates = []
+    for run_id, when, versions in con.execute("SELECT run_id, time, versions FROM runs").fetchall():
+        try:
+            v = json.loads(versions or "{}")
+        except ValueError:
+            v = {}
+        updates.append((_unix(when), *(_version(v, k) for k in VERSION_KEYS), run_id))
+    sets = ", ".join(f"{k} = ?" for k in ("time_unix",) + VERSION_KEYS)
+    con.executemany(f"UPDATE runs SET {sets} WHERE run_id = ?", updates)
+    con.execute("UPDATE results SET headroom = budget / scaled_error WHERE scaled_error > 0")
+    con.execute("UPDATE runs SET passed = (SELECT MIN(passed) FROM results WHERE results.run_id = runs.run_id)")
+
+
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _migrate_0_to_1, 1: _migrate_1_to_2}
+
+
+# ---------------------------------------------------------------------------------------------
+# opening: identity check first, then migrations, then WAL
+
+
+def default_history_path(rootdir: str | Path) -> Path:
+    return Path(rootdir) / DEFAULT_RELATIVE_PATH
+
+
+def find_rootdir(start: str | Path | None = None) -> Path:
+    """The nearest directory up from ``start`` holding a project marker (as pytest's rootdir)."""
+    here = Path(start or Path.cwd()).resolve()
+    for d in (here, *here.parents):
+        if any((d / m).exists() for m in _ROOT_MARKERS):
+            return d
+    return here
+
+
+def _is_locked(exc: BaseException) -> bool:
+    msg = str(exc).lower()
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in msg or "busy" in msg)
+
+
+def _broken(path: Path, exc: BaseException) -> HistoryError:
+    return HistoryError(f"history file {path} cannot be read: {exc} (the file is corrupt, truncated or "
+                        "not an SQLite database)",
+                        f"move it aside (mv '{path}' '{path}.broken'); the next run starts a new history. "
+                        "tf2cntk never overwrites or repairs it")
+
+
+def _retrying(path: Path, op: Callable[[], T]) -> T:
+    """Run ``op``, retrying while SQLite says locked/busy; any other SQLite error is a HistoryError."""
+    deadline = time.monotonic() + LOCK_RETRY_S
+    delay = 0.002
+    while True:
+        try:
+            return op()
+        except sqlite3.OperationalError as exc:
+            if _is_locked(exc) and time.monotonic() < deadline:
+                time.sleep(delay * (0.5 + random.random()))  # jitter: waiting writers do not collide again
+                delay = min(delay * 2, 0.25)
+                continue
+            if _is_locked(exc):
+                raise HistoryError(f"history file {path} stayed locked for {LOCK_RETRY_S:.0f} s",
+                                   "another process holds a write lock: stop it, or use another "
+                                   "--tf2cntk-history path") from exc
+            raise _broken(path, exc) from exc
+        except sqlite3.DatabaseError as exc:
+            raise _broken(path, exc) from exc
+
+
+def _identify(path: Path, con: sqlite3.Connection) -> int | None:
+    """Schema version of our file, None for a new empty one; HistoryError for anything else."""
+    app_id = con.execute("PRAGMA application_id").fetchone()[0]
+    tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+    if app_id == 0 and not tables:
+        return None
+    if app_id != APPLICATION_ID or SCHEMA_TABLE not in tables:
+        shown = ", ".join(t for t in tables if not t.startswith("sqlite_")) or "none"
+        raise HistoryError(f"{path} is an SQLite database but not a tf2cntk history (application_id "
+                           f"{app_id:#x}, tables: {shown}); it was left untouched",
+                           "point --tf2cntk-history / --history at another file, or move this one aside")
+    version = con.execute(f"SELECT MAX(version) FROM {SCHEMA_TABLE}").fetchone()[0] or 0
+    if version > SCHEMA_VERSION:
+        raise HistoryError(f"{path} has history schema version {version}, written by a newer "
+                           f"pytest-tf2cntk; this one reads up to version {SCHEMA_VERSION}",
+                           "upgrade pytest-tf2cntk, or point --tf2cntk-history at another file")
+    return int(version)
+
+
+def _migrate(path: Path, con: sqlite3.Connection) -> None:
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        version = _identify(path, con) or 0  # again, under the write lock: another process may have won
+        for v in range(version, SCHEMA_VERSION):
+            MIGRATIONS[v](con)
+            con.execute(f"INSERT INTO {SCHEMA_TABLE} (version, applied) VALUES (?, ?)", (v + 1, _now_iso()))
+        con.execute("COMMIT")
+    except BaseException:
+        if con.in_transaction:
+            con.execute("ROLLBACK")
+        raise
+
+
+def _open(path: Path, create: bool) -> sqlite3.Connection:
+    if not path.exists():
+        if not create:
+            raise HistoryError(f"no history at {path}",
+                               "run pytest with pytest-tf2cntk (history is on unless --tf2cntk-no-history) "
+                               "or pass --history PATH")
+        path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise HistoryError(f"history path {path} is a directory", "pass the path of a .sqlite file")
+
+    def attempt() -> sqlite3.Connection:
+        con = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        try:
+            version = _identify(path, con)
+            if version != SCHEMA_VERSION:
+                _migrate(path, con)
+            # only now that the file is known to be ours may anything be changed
+            if con.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                con.execute("PRAGMA journal_mode = WAL")
+            con.execute("PRAGMA synchronous = NORMAL")
+            con.execute("PRAGMA foreign_keys = ON")
+            return con
+        except BaseException:
+            con.close()
+            raise
+
+    return _retrying(path, attempt)
+
+
+@contextmanager
+def reading(path: str | Path) -> Iterator[sqlite3.Connection]:
+    """A validated (and, if older, migrated) connection for queries; HistoryError if missing."""
+    p = Path(path)
+    con = _open(p, create=False)
+    try:
+        yield con
+    except sqlite3.DatabaseError as exc:
+        if _is_locked(exc):
+            raise HistoryError(f"history file {p} is locked", "retry when the writing run is done") from exc
+        raise _broken(p, exc) from exc
+    finally:
+        con.close()
+
+
+def ensure_history(path: str | Path) -> Path:
+    """Create or migrate the file now (e.g. at pytest start), so a broken one is reported early."""
+    p = Path(path)
+    _open(p, create=True).close()
+    return p
+
+
+def write(path: str | Path, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """Run ``fn`` in one BEGIN IMMEDIATE transaction, retried as a whole while the file is locked."""
+    p = Path(path)
+    con = _open(p, create=True)
+
+    def attempt() -> T:
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            value = fn(con)
+            con.execute("COMMIT")
+            return value
+        except BaseException:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            raise
+
+    try:
+        return _retrying(p, attempt)
+    finally:
+        con.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# runs
+
+
+def git_commit(cwd: str | Path | None) -> str | None:
+    """``git rev-parse HEAD`` in ``cwd``; None outside a repository or without git."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=str(cwd) if cwd else None, capture_output=True,
+                              text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    out = done.stdout.strip()
+    return out if done.returncode == 0 and out and all(c in "0123456789abcdef" for c in out) else None
+
+
+def run_info(cwd: str | Path | None, *, options: dict[str, Any] | None = None,
+             results: Sequence[dict[str, Any]] = (), exitstatus: int | None = None,
+             duration: float | None = None, started: float | None = None) -> dict[str, Any]:
+    """The ``run`` dict for record_run: now, this host, the git commit of ``cwd``, versions.
+
+    Versions are the host's installed packages, overlaid with what a parity result measured
+    (that is where the CNTK side's cntk/numpy/python come from: the worker reports them).
+    """
+    import platform
+
+    from .conversion_cache import package_versions
+
+    versions = package_versions(("tensorflow", "tensorflow-cpu", "keras", "tf2onnx", "onnx", "onnxruntime",
+                                 "numpy", "hypothesis"))
+    versions["python"] = platform.python_version()
+    for r in results:
+        if r.get("versions"):
+            versions.update({k: str(v) for k, v in r["versions"].items()})
+            break
+    return {"time": time.time() if started is None else started, "host": socket.gethostname(),
+            "git_commit": git_commit(cwd), "versions": versions, "options": options or {},
+            "exitstatus": exitstatus, "duration": duration}
+
+
+def record_run(path: str | Path, run: dict[str, Any], results: Sequence[dict[str, Any]], *,
+               layerwise: Sequence[dict[str, Any]] | None = None) -> int:
+    """Store one run and its results (ParityResult.to_json() dicts) in one transaction; its run_id."""
+    versions = {str(k): str(v) for k, v in (run.get("versions") or {}).items()}
+    outputs: dict[tuple[str, str, str], tuple] = {}
+    skips: dict[tuple[str, str], str] = {}
+    for r in results:
+        if "skipped" in r:
+            skips[(str(r["model"]), str(r.get("device", "")))] = str(r["skipped"])
+            continue
+        for name, o in (r.get("outputs") or {}).items():
+            row = _result_row(r, str(name), o)
+            key = row[:3]
+            held = outputs.get(key)
+            if held is None or _worse(row[3], held[3]):  # the same output twice: the worst wins
+                outputs[key] = row
+    nodes: dict[tuple[str, str, str], tuple] = {}
+    for lw in layerwise or ():
+        row = (str(lw["model"]), str(lw.get("device", "cpu")), str(lw["node"]), lw.get("op_type"),
+               lw.get("tf_layer"), _num(lw.get("local_error")), _num(lw.get("budget")))
+        held = nodes.get(row[:3])
+        if held is None or _worse(row[5], held[5]):
+            nodes[row[:3]] = row
+    passed = run.get("passed")
+    checked = [r for r in results if "skipped" not in r]
+    if passed is None and checked:
+        passed = all(r.get("passed", True) for r in checked)
+    when = run.get("time")
+    run_row = (_iso(when), _unix(when), run.get("host"), run.get("git_commit"),
+               None if passed is None else int(bool(passed)), run.get("exitstatus"), _num(run.get("duration")),
+               json.dumps(versions, sort_keys=True), json.dumps(run.get("options") or {}, default=str, sort_keys=True),
+               *(_version(versions, k) for k in VERSION_KEYS))
+    run_cols = ("time", "time_unix", "host", "git_commit", "passed", "exitstatus", "duration", "versions",
+                "options") + VERSION_KEYS
+
+    def insert(con: sqlite3.Connection) -> int:
+        cur = con.execute(f"INSERT INTO runs ({', '.join(run_cols)}) VALUES ({', '.join('?' * len(run_cols))})",
+                          run_row)
+        run_id = int(cur.lastrowid or 0)
+        con.executemany(f"INSERT INTO results ({', '.join(RESULT_COLUMNS)}) "
+                        f"VALUES ({', '.join('?' * len(RESULT_COLUMNS))})",
+                        [(run_id, *row) for row in outputs.values()])
+        con.executemany("INSERT INTO skips (run_id, model, device, reason) VALUES (?, ?, ?, ?)",
+                        [(run_id, m, d, why) for (m, d), why in skips.items()])
+        con.executemany(f"INSERT INTO layers ({', '.join(LAYER_COLUMNS)}) "
+                        f"VALUES ({', '.join('?' * len(LAYER_COLUMNS))})",
+                        [(run_id, *row) for row in nodes.values()])
+        return run_id
+
+    return write(path, insert)
+
+
+def _result_row(r: dict[str, Any], name: str, o: dict[str, Any]) -> tuple:
+    t = o.get("tf_vs_cntk") or {}
+    b = o.get("budget")
+    budget = b.get("value") if isinstance(b, dict) else b
+    info = b if isinstance(b, dict) else {}
+    return (str(r["model"]), str(r.get("device", "cpu")), name, _num(o.get("scaled_error")), _num(budget),
+            _num(o.get("headroom")), _num(t.get("max_abs")), _num(t.get("max_rel")), _num(t.get("max_ulp")),
+            _num(t.get("cosine")), _num(t.get("top1_agreement")), o.get("stage"), int(bool(o.get("passed"))),
+            r.get("examples"), _num(info.get("unit_roundoff")),
+            None if "overridden" not in info else int(bool(info["overridden"])),
+            _scaled(o.get("tf_vs_ort")), _scaled(o.get("ort_vs_cntk")))
+
+
+def _scaled(m: dict[str, Any] | None) -> float | None:
+    """The scaled error of a stage comparison (same formula as parity.scaled_error)."""
+    if not m:
+        return None
+    if not m.get("shape_ok", True):
+        return math.inf
+    abs_, scale = _num(m.get("max_abs")), _num(m.get("ref_scale"))
+    if abs_ is None or scale is None:
+        return None
+    return abs_ / scale if scale > 0 else (0.0 if abs_ == 0 else math.inf)
+
+
+def _worse(a: float | None, b: float | None) -> bool:
+    return a is not None and (b is None or a > b)
+
+
+def _num(x: Any) -> float | None:
+    if x is None:
+        return None
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(v) else v
+
+
+def _version(versions: dict[str, Any], key: str) -> str | None:
+    v = versions.get(key)
+    if v is None and key == "tensorflow":
+        v = versions.get("tensorflow-cpu")
+    return None if v is None else str(v)
+
+
+def _to_datetime(when: Any) -> datetime:
+    if when is None:
+        return datetime.now(timezone.utc)
+    if isinstance(when, datetime):
+        dt = when
+    elif isinstance(when, (int, float)):
+        return datetime.fromtimestamp(float(when), timezone.utc)
+    else:
+        text = str(when).strip().replace("Z", "+00:00")
+        try:
+            dt = datetime.fromisoformat(text)
+        except ValueError:
+            dt = datetime.strptime(text, "%Y-%m-%dT%H:%M:%S%z")  # session.report()'s "created"
+    return (dt if dt.tzinfo else dt.astimezone()).astimezone(timezone.utc)
+
+
+def _iso(when: Any) -> str:
+    return _to_datetime(when).isoformat(timespec="microseconds")
+
+
+def _unix(when: Any) -> float:
+    try:
+        return _to_datetime(when).timestamp()
+    except ValueError:
+        return math.nan
+
+
+def _now_iso() -> str:
+    return _iso(None)
+
+
+# ---------------------------------------------------------------------------------------------
+# queries: tags and runs
+
+
+def _check_tag_name(name: str) -> str:
+    name = name.strip()
+    if not name or name.isdigit() or name.lower() == "latest":
+        raise HistoryError(f"bad tag name {name!r}: a tag must not be empty, a number or 'latest' "
+                           "(those already mean a run)", "pick a name such as 'release-1.2' or 'good'")
+    return name
+
+
+def tag_run(path: str | Path, run_id: int, name: str) -> int | None:
+    """Point tag ``name`` at ``run_id`` (tags are unique: re-tagging moves it); the run it left."""
+    name = _check_tag_name(name)
+
+    def do(con: sqlite3.Connection) -> int | None:
+        if con.execute("SELECT 1 FROM runs WHERE run_id = ?", (int(run_id),)).fetchone() is None:
+            raise HistoryError(f"no run {run_id} in {path}", "`tf2cntk runs` lists the recorded runs")
+        old = con.execute("SELECT run_id FROM tags WHERE name = ?", (name,)).fetchone()
+        con.execute("INSERT INTO tags (name, run_id, tagged) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE "
+                    "SET run_id = excluded.run_id, tagged = excluded.tagged", (name, int(run_id), _now_iso()))
+        return None if old is None else int(old[0])
+
+    if not Path(path).exists():
+        raise HistoryError(f"no history at {path}", "run pytest with pytest-tf2cntk first, or pass --history")
+    return write(path, do)
+
+
+def tags(path: str | Path) -> dict[str, int]:
+    with reading(path) as con:
+        return {n: int(r) for n, r in con.execute("SELECT name, run_id FROM tags ORDER BY name")}
+
+
+def list_runs(path: str | Path, limit: int | None = 20) -> list[dict[str, Any]]:
+    """Newest first: run_id, time, host, git_commit, passed, outputs, failed, tags."""
+    sql = ("SELECT r.run_id, r.time, r.host, r.git_commit, r.passed, "
+           "(SELECT COUNT(*) FROM results x WHERE x.run_id = r.run_id), "
+           "(SELECT COUNT(*) FROM results x WHERE x.run_id = r.run_id AND x.passed = 0), "
+           "(SELECT group_concat(name, ',') FROM tags t WHERE t.run_id = r.run_id) "
+           "FROM runs r ORDER BY r.run_id DESC" + (" LIMIT ?" if limit else ""))
+    with reading(path) as con:
+        rows = con.execute(sql, (int(limit),) if limit else ()).fetchall()
+    keys = ("run_id", "time", "host", "git_commit", "passed", "outputs", "failed", "tags")
+    return [dict(zip(keys, r)) for r in rows]
+
+
+def load_history(path: str | Path, **filters: Any) -> Any:
+    """pandas DataFrame, one row per run x model x device x output (see history_report)."""
+    from .history_report import load_history as load
+
+    return load(path, **filters)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: tf2cntk tag, tf2cntk runs
+
+
+def add_history_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--history", default=None, metavar="PATH",
+                   help=f"history file (default: {DEFAULT_RELATIVE_PATH} under the project root)")
+
+
+def history_path_of(args: argparse.Namespace) -> Path:
+    return Path(args.history) if args.history else default_history_path(find_rootdir())
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    path = history_path_of(args)
+    old = tag_run(path, args.run_id, args.name)
+    moved = f" (moved from run {old})" if old is not None and old != args.run_id else ""
+    print(f"tagged run {args.run_id} as '{args.name.strip()}'{moved} in {path}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    path = history_path_of(args)
+    rows = list_runs(path, args.limit)
+    if not rows:
+        print(f"no runs recorded in {path}")
+        return 0
+    table = [("run", "time (UTC)", "commit", "outputs", "failed", "tags")]
+    for r in rows:
+        table.append((str(r["run_id"]), str(r["time"])[:19], (r["git_commit"] or "-")[:10], str(r["outputs"]),
+                      str(r["failed"]), r["tags"] or ""))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def register_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tag", help="name a recorded run (e.g. a release) to use it as a drift baseline")
+    p.add_argument("run_id", type=int, metavar="RUN_ID")
+    p.add_argument("name", metavar="NAME", help="tag name; an existing tag moves to this run")
+    add_history_arg(p)
+    p.set_defaults(func=cmd_tag)
+
+    p = sub.add_parser("runs", help="list the runs recorded in the history, newest first")
+    p.add_argument("-n", "--limit", type=int, default=20, help="how many (default %(default)s; 0: all)")
+    add_history_arg(p)
+    p.set_defaults(func=cmd_runs)
