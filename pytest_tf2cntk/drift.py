@@ -48,11 +48,12 @@ class DriftVerdict:
     message: str
     baseline_run: int | None = None
     samples: int = 0  # runs in the noise window
+    threshold: float | None = None  # errors above this would be drift: max(factor x baseline, band)
 
     def to_json(self) -> dict[str, Any]:
         return {"baseline_error": self.baseline_error, "ratio": self.ratio, "noise": self.noise,
                 "significant": self.significant, "message": self.message, "baseline_run": self.baseline_run,
-                "samples": self.samples}
+                "samples": self.samples, "threshold": self.threshold}
 
 
 def error_floor(unit_roundoff: float | None = None, budget: float | None = None) -> float:
@@ -90,9 +91,11 @@ def judge_errors(current: float, history: Sequence[float | None], *, factor: flo
     if not math.isfinite(base):
         return DriftVerdict(base, None, None, False, f"{name}baseline ({where}) had no finite error",
                             baseline_run, len(window))
-    if math.isnan(cur):
-        return DriftVerdict(base, None, None, False, f"{name}no current error (NaN)", baseline_run, len(window))
     upper = noise_upper(window)
+    threshold = max(factor * base, upper)
+    if math.isnan(cur):
+        return DriftVerdict(base, None, upper / base, False, f"{name}no current error (NaN)", baseline_run,
+                            len(window), threshold)
     ratio = cur / base
     noise = upper / base
     significant = ratio > factor and cur > upper
@@ -104,7 +107,8 @@ def judge_errors(current: float, history: Sequence[float | None], *, factor: flo
         why = "within the noise band"
     message = (f"{name}error {cur:.3g} is {ratio:.3g}x the baseline {base:.3g} ({where}); noise band up to "
                f"{noise:.3g}x over {len(window)} run(s): {why}")
-    return DriftVerdict(float(history[0]), ratio, noise, significant, message, baseline_run, len(window))
+    return DriftVerdict(float(history[0]), ratio, noise, significant, message, baseline_run, len(window),
+                        threshold)
 
 
 def resolve_baseline(path: str | Path, spec: str | int, *, before: int | None = None) -> int | None:

@@ -409,7 +409,8 @@ def _version(versions: dict[str, Any], key: str) -> str | None:
     return None if v is None else str(v)
 
 
-def _to_datetime(when: Any) -> datetime:
+def parse_time(when: Any) -> datetime:
+    """A UTC datetime from epoch seconds, a datetime or ISO 8601 text (naive means local time)."""
     if when is None:
         return datetime.now(timezone.utc)
     if isinstance(when, datetime):
@@ -426,12 +427,12 @@ def _to_datetime(when: Any) -> datetime:
 
 
 def _iso(when: Any) -> str:
-    return _to_datetime(when).isoformat(timespec="microseconds")
+    return parse_time(when).isoformat(timespec="microseconds")
 
 
 def _unix(when: Any) -> float:
     try:
-        return _to_datetime(when).timestamp()
+        return parse_time(when).timestamp()
     except ValueError:
         return math.nan
 

@@ -66,7 +66,16 @@ class CNTKRunner:
 
         self.device = normalize_device(device)
         self.worker = worker or get_worker(cntk_python)
-        self.loaded = self.worker.load(str(onnx_path), device=self.device)
+        if self.device.startswith("gpu"):
+            devices = self.worker.ping().get("devices", [])
+            if not any(d.startswith("gpu") for d in devices):
+                raise DeviceUnavailable(
+                    f"CNTK has no GPU build or sees no GPU (CNTK devices: {', '.join(devices) or 'none'})",
+                    hint="`tf2cntk setup --gpu` installs cntk-gpu (CUDA 10 runtime bundled)")
+        try:
+            self.loaded = self.worker.load(str(onnx_path), device=self.device)
+        except DeviceUnavailable as exc:
+            raise DeviceUnavailable(f"CNTK cannot use {self.device}: {exc.message}", hint=exc.hint) from None
         self.output_dtypes = output_dtypes or {}
         # CNTK computes integer and bool inputs as float: feed them in the dtype it declares
         self.input_dtypes = {i.name: np.dtype(i.dtype) for i in self.loaded.inputs}

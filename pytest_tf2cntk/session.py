@@ -121,7 +121,9 @@ class Tf2CntkSession:
     def worker(self) -> Any:
         from .worker_client import get_worker
 
-        return get_worker(self.settings.cntk_python)
+        worker = get_worker(self.settings.cntk_python)
+        worker.timeout = self.settings.timeout  # --tf2cntk-timeout: per call, then replaced
+        return worker
 
     def loaded(self, onnx_path: Path, device: str) -> Any:
         """The model loaded in the worker, once per (file, device) for the whole session."""
@@ -136,6 +138,7 @@ class Tf2CntkSession:
         from .parity import check_parity
 
         s = self.settings
+        self.worker()  # the shared worker, with this session's timeout
         merged_budgets = {**s.budgets, **(budgets or {})}
         ranges = {**s.inputs, **(inputs or {})}
         db = None
