@@ -45,8 +45,7 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
         else:
             keep.append(node)
     if changed:
-        del model.graph.node[:]
-        model.graph.node.extend(keep)
+        _set_nodes(model, keep)
     return changed
 
 
@@ -90,8 +89,7 @@ def fold_constants(model: onnx.ModelProto) -> int:
         else:
             keep.append(node)
     if changed:
-        del model.graph.node[:]
-        model.graph.node.extend(keep)
+        _set_nodes(model, keep)
         prune_unused(model)
     return changed
 
@@ -129,8 +127,7 @@ def prune_unused(model: onnx.ModelProto) -> int:
             needed.update(og.subgraph_references(node))
     removed = len(model.graph.node) - len(live)
     if removed:
-        del model.graph.node[:]
-        model.graph.node.extend(reversed(live))
+        _set_nodes(model, list(reversed(live)))
     all_inits = {t.name for t in model.graph.initializer}
     inits = [t for t in model.graph.initializer if t.name in needed]
     removed += len(all_inits) - len(inits)
@@ -143,6 +140,14 @@ def prune_unused(model: onnx.ModelProto) -> int:
         del model.graph.input[:]
         model.graph.input.extend(inputs)
     return removed
+
+
+def _set_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> None:
+    kept = [onnx.NodeProto() for _ in nodes]
+    for copy, node in zip(kept, nodes):
+        copy.CopyFrom(node)  # protobuf repeated fields own their elements: copy before clearing
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
 
 
 def _static(shape: tuple | None) -> bool:
