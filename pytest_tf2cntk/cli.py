@@ -227,13 +227,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None)
     p.set_defaults(func=cmd_replay)
 
-    for register in _EXTRA_COMMANDS:
+    for register in _extra_commands():
         register(sub)
     return parser
 
 
-# Later modules (parity, history, layerwise) add their subcommands here.
-_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
+    """Subcommands that live with their module (each imports its heavy parts when it runs)."""
+    from . import calibrate, history, history_report, layerwise
+
+    return [history.register_cli, history_report.register_cli, calibrate.register_cli,
+            layerwise.register_cli]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,8 +12,11 @@ a changed pass). Drift compares each output's scaled error with a baseline run f
   ratio      r = max(current, f) / max(baseline, f).
   noise      the window: the baseline's error and those of up to ``window - 1`` earlier runs of
              the same output (all floored). Run-to-run jitter comes from different Hypothesis
-             inputs, so the band's upper edge is U = max(max(window), exp(mean + 3 std)) of
-             log errors (std only from 3+ runs; with fewer the band is what was seen).
+             inputs (an error is the worst of a few examples, a noisy maximum), so the band's
+             upper edge is U = max(max(window), exp(mean + 3 s)) over log errors, where s mixes
+             the window's log standard deviation with a prior: jitter of up to 2.5x (s0 =
+             ln(2.5) / 3), worth 3 runs. A short history is thus not mistaken for a quiet one;
+             a long quiet one (derandomized CI) narrows the band to ~1.6x, below the factor.
   drift      significant iff r > factor AND current > U: the error grew by more than the
              factor, and beyond anything the history shows as noise.
 
@@ -33,10 +36,10 @@ from .errors import HistoryError
 DEFAULT_FACTOR = 2.0
 DEFAULT_WINDOW = 10
 NOISE_SIGMAS = 3.0
-MIN_NOISE_SAMPLES = 3  # a standard deviation from fewer runs says nothing
+PRIOR_LOG_STD = math.log(2.5) / NOISE_SIGMAS  # until history shows otherwise, runs jitter up to 2.5x
+PRIOR_RUNS = 3.0  # ... a belief worth this many runs of evidence
 BUDGET_FLOOR_FRACTION = 1e-3
 EPSILON = 1e-12
-FLOAT32_UNIT_ROUNDOFF = 2.0 ** -24
 
 
 @dataclass(frozen=True)
@@ -66,15 +69,19 @@ def error_floor(unit_roundoff: float | None = None, budget: float | None = None)
     return floor
 
 
+def noise_log_std(logs: Sequence[float]) -> float:
+    """Log-error standard deviation: the window's, pooled with the prior (see the module docstring)."""
+    dof = len(logs) - 1
+    observed = statistics.variance(logs) if dof > 0 else 0.0
+    return math.sqrt((PRIOR_RUNS * PRIOR_LOG_STD ** 2 + dof * observed) / (PRIOR_RUNS + dof))
+
+
 def noise_upper(window: Sequence[float]) -> float:
     """Upper edge of the run-to-run noise band of already floored, finite errors."""
     if not window:
         return math.nan
-    upper = max(window)
-    if len(window) >= MIN_NOISE_SAMPLES:
-        logs = [math.log(e) for e in window]
-        upper = max(upper, math.exp(statistics.fmean(logs) + NOISE_SIGMAS * statistics.stdev(logs)))
-    return upper
+    logs = [math.log(e) for e in window]
+    return max(max(window), math.exp(statistics.fmean(logs) + NOISE_SIGMAS * noise_log_std(logs)))
 
 
 def judge_errors(current: float, history: Sequence[float | None], *, factor: float = DEFAULT_FACTOR,
@@ -87,9 +94,9 @@ def judge_errors(current: float, history: Sequence[float | None], *, factor: flo
     base = max(float(history[0]), floor)
     cur = max(float(current), floor) if not math.isnan(current) else math.nan
     window = [max(float(e), floor) for e in history if e is not None and math.isfinite(e)]
-    where = f"run {baseline_run}" if baseline_run is not None else "the baseline"
+    where = f" (run {baseline_run})" if baseline_run is not None else ""
     if not math.isfinite(base):
-        return DriftVerdict(base, None, None, False, f"{name}baseline ({where}) had no finite error",
+        return DriftVerdict(base, None, None, False, f"{name}baseline{where} had no finite error",
                             baseline_run, len(window))
     upper = noise_upper(window)
     threshold = max(factor * base, upper)
@@ -105,7 +112,7 @@ def judge_errors(current: float, history: Sequence[float | None], *, factor: flo
         why = f"within the {factor:g}x drift factor"
     else:
         why = "within the noise band"
-    message = (f"{name}error {cur:.3g} is {ratio:.3g}x the baseline {base:.3g} ({where}); noise band up to "
+    message = (f"{name}error {cur:.3g} is {ratio:.3g}x the baseline {base:.3g}{where}; noise band up to "
                f"{noise:.3g}x over {len(window)} run(s): {why}")
     return DriftVerdict(float(history[0]), ratio, noise, significant, message, baseline_run, len(window),
                         threshold)

@@ -81,3 +81,8 @@ class HistoryError(Tf2CntkError):
 
     The file is never overwritten or repaired: the message names it and says how to move it aside.
     """
+
+
+class ParityFailure(AssertionError):
+    """A parity verdict that failed (or drifted, with --tf2cntk-fail-on-drift); str() is the
+    diagnostic table."""

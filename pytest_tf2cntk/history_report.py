@@ -136,7 +136,9 @@ class HistoryReport:
 
 
 def build_report(path: str | Path, *, since: str | int | None = None, model: str | None = None,
-                 baseline: str = "latest", factor: float = DEFAULT_FACTOR, window: int = DEFAULT_WINDOW) -> HistoryReport:
+                 baseline: str = "latest", factor: float = DEFAULT_FACTOR,
+                 window: int = DEFAULT_WINDOW) -> HistoryReport:
+    """Load the history and judge each output's newest row against ``baseline`` (drift.py's rule)."""
     import pandas as pd
 
     p = Path(path)
@@ -148,7 +150,8 @@ def build_report(path: str | Path, *, since: str | int | None = None, model: str
         budget=None if pd.isna(r.budget) else float(r.budget),
         unit_roundoff=None if pd.isna(r.unit_roundoff) else float(r.unit_roundoff)))
     current = _with_verdicts(current, verdicts)
-    current["changed"] = [_changes(runs, r, b) for r, b in zip(current["run_id"], current["baseline_run"])]
+    by_id = runs.set_index("run_id")
+    current["changed"] = [_changes(by_id, r, b) for r, b in zip(current["run_id"], current["baseline_run"])]
     layers = _layer_table(p, since, model, baseline, factor, window)
     where, params = _filters(since, model, "s")
     skips = _query(p, "SELECT s.run_id, s.model, s.device, s.reason FROM skips s JOIN runs r ON "
@@ -185,13 +188,12 @@ def _with_verdicts(df: Any, verdicts: list[Any]) -> Any:
     return df
 
 
-def _changes(runs: Any, run_id: Any, base: Any) -> str:
+def _changes(by_id: Any, run_id: Any, base: Any) -> str:
     """Versions that differ between a run and its baseline run: 'tf2onnx 1.16.1 -> 1.17.0'."""
     import pandas as pd
 
     if pd.isna(base) or int(base) == int(run_id):
         return ""
-    by_id = runs.set_index("run_id")
     if int(base) not in by_id.index or int(run_id) not in by_id.index:
         return ""
     a, b = by_id.loc[int(base)], by_id.loc[int(run_id)]
@@ -270,7 +272,9 @@ def plot_error_history(rep: HistoryReport) -> str | None:
         ax = fig.add_subplot(nrows, ncols, i + 1)
         g = grouped.get_group(key)
         floor = [error_floor(u, b) for u, b in zip(g["unit_roundoff"].fillna(0), g["budget"].fillna(0))]
-        err = [max(e, f) if e == e else math.nan for e, f in zip(g["scaled_error"], floor)]
+        top = 100 * float(g["budget"].max()) if g["budget"].notna().any() else 1.0
+        # floored like the drift rule; a non-finite error (shape mismatch) is drawn off the chart's top
+        err = [min(max(e, f), top) if e == e else math.nan for e, f in zip(g["scaled_error"], floor)]
         ax.plot(g["run_id"], err, marker="o", ms=3, lw=1, color="tab:blue", label="scaled error")
         bad = ~g["passed"]
         if bad.any():
@@ -288,7 +292,7 @@ def plot_error_history(rep: HistoryReport) -> str | None:
         ax.set_title(("DRIFT  " if row["drift"] else "") + title, fontsize=9,
                      color="red" if row["drift"] else "black")
         ax.set_xlabel("run", fontsize=8)
-        ax.tick_params(labelsize=7)
+        ax.tick_params(which="both", labelsize=7)
         ax.grid(True, which="major", alpha=0.3)
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
@@ -461,10 +465,10 @@ def render_html(rep: HistoryReport) -> str:
         if title.startswith("Current") and "Error over runs" in rep.plots:
             out.append("<h2>Error over runs</h2><p class='note'>The most drifted and least headroom outputs "
                        f"(up to {MAX_PLOTS}); dashed red: budget; dotted gray: baseline run; x: failed.</p>")
-            out.append(f"<img alt='error over runs' src=\"data:image/png;base64,{rep.plots['Error over runs']}\">")
+            out.append(f"<img src=\"data:image/png;base64,{rep.plots['Error over runs']}\" alt=\"error over runs\">")
         if title.startswith("Headroom per op") and "Headroom per op type" in rep.plots:
-            out.append(f"<img alt='headroom per op type' "
-                       f"src=\"data:image/png;base64,{rep.plots['Headroom per op type']}\">")
+            out.append(f"<img src=\"data:image/png;base64,{rep.plots['Headroom per op type']}\" "
+                       "alt=\"headroom per op type\">")
     drifted = rep.drifted
     if not drifted.empty:
         out.append("<h2>Drift details</h2><ul>")

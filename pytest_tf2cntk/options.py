@@ -61,6 +61,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("signature", None, "SavedModel signature to test (default: serving_default)", metavar="NAME"),
     Option("edge_values", False, "also generate zeros, range extremes, large and subnormal values", "bool"),
     Option("timeout", 600.0, "seconds one CNTK call may take before the worker is replaced", "float", "S"),
+    Option("history", None, "SQLite run history (default: .tf2cntk/history.sqlite under the rootdir)",
+           metavar="PATH"),
+    Option("no_history", False, "do not record this run in the history", "bool"),
+    Option("baseline", "latest", "run the drift is measured against: latest, a RUN_ID or a TAG",
+           metavar="SPEC"),
+    Option("fail_on_drift", None, "fail an output whose error grew by more than FACTOR over the "
+                                  "baseline (beyond run-to-run noise), even within budget", "float",
+           "FACTOR"),
 )
 _BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -81,6 +89,10 @@ class Settings:
     signature: str | None = None
     edge_values: bool = False
     timeout: float = 600.0
+    history: Path | None = None
+    no_history: bool = False
+    baseline: str = "latest"
+    fail_on_drift: float | None = None
     budgets: dict[str, Any] = field(default_factory=dict)  # [tool.tf2cntk.budgets]
     inputs: dict[str, tuple[float, float]] = field(default_factory=dict)  # [tool.tf2cntk.inputs]
 
@@ -96,7 +108,8 @@ def register(parser: Any) -> None:
             group.addoption("--tf2cntk-model", action="append", dest="tf2cntk_models", default=None,
                             metavar=o.metavar, help=f"{o.help} (ini: {o.ini})")
         else:
-            shown = "random" if o.name == "seed" else o.default
+            shown = {"seed": "random", "history": ".tf2cntk/history.sqlite", "fail_on_drift": "off"
+                     }.get(o.name, o.default)
             group.addoption(o.flag, dest=f"tf2cntk_{o.name}", default=None, metavar=o.metavar,
                             help=f"{o.help} (default: {shown}; ini: {o.ini})")
         ini_type = {"bool": "bool", "list": "linelist"}.get(o.kind, "string")
@@ -109,6 +122,8 @@ def _convert(o: Option, raw: Any) -> Any:
     if o.kind == "int":
         return _ranged(int, 1 if o.name in ("max_examples", "batch", "opset") else 0)(raw)
     if o.kind == "float":
+        if o.name == "fail_on_drift":
+            return _ranged(float, 1.0)(raw)
         return _ranged(float, 0.0)(raw) if o.name != "budget_scale" else _positive(float(raw))
     if o.kind == "bool":
         return raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes", "on")
@@ -153,6 +168,8 @@ def resolve(getoption: Callable[[str], Any], getini: Callable[[str], Any], rootd
         raise ValueError(f"--tf2cntk-devices: {exc}") from None
     if values["report"]:
         values["report"] = Path(values["report"])
+    history = Path(values["history"]) if values["history"] else rootdir / ".tf2cntk" / "history.sqlite"
+    values["history"] = history if history.is_absolute() else rootdir / history
     tool = (pyproject or {}).get("tool", {}).get("tf2cntk", {})
     values["budgets"] = dict(tool.get("budgets", {}))
     values["inputs"] = {k: (float(v[0]), float(v[1])) for k, v in tool.get("inputs", {}).items()}

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import pytest
 
 from . import options as opts
+from .errors import ParityFailure
 from .session import Tf2CntkSession
 
 SESSION_KEY = pytest.StashKey[Tf2CntkSession]()
@@ -38,6 +39,12 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(f"pytest-tf2cntk: model path {model} does not exist "
                                     "(--tf2cntk-model / tf2cntk_models)")
     session = Tf2CntkSession(settings, rootdir, worker_id=_worker_id(config))
+    from .errors import HistoryError
+
+    try:
+        session.open_history()
+    except HistoryError as exc:
+        raise pytest.UsageError(f"pytest-tf2cntk: {exc}") from None
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(_Reporting(session, config), "tf2cntk-reporting")
     # model paths are collected like test files: add those not already under an argument
@@ -111,10 +118,6 @@ class ConvertItem(_ModelItem):
         _session(self.config).progress(self.config, msg)
 
 
-class ParityFailure(AssertionError):
-    """A parity verdict that failed; its str() is the diagnostic table."""
-
-
 class ParityItem(_ModelItem):
     def __init__(self, *, device: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -126,14 +129,15 @@ class ParityItem(_ModelItem):
         session = _session(self.config)
         conv = session.conversion(self.model_path, lambda m: session.progress(self.config, m))
         try:
-            result = session.parity(conv, self.device)
+            result = session.parity(conv, self.device)  # raises ParityFailure on significant drift
+            if not result.passed:
+                raise ParityFailure(str(result))
         except DeviceUnavailable as exc:
             session.record_skip(self.model_path, self.device, exc.message)
             pytest.skip(f"{self.device}: {exc.message}")
-        for key, value in session.properties(result):
-            self.user_properties.append((key, value))
-        if not result.passed:
-            raise ParityFailure(str(result))
+        finally:
+            for key, value in session.properties():
+                self.user_properties.append((key, value))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -82,7 +82,34 @@ class Tf2CntkSession:
     notes: list[str] = field(default_factory=list)
     _converted: dict[Path, Any] = field(default_factory=dict)
     _loaded: dict[tuple[str, str], Any] = field(default_factory=dict)
+    _last: Any = None  # the last ParityResult, for the item's JUnit properties
     started: float = field(default_factory=time.time)
+    judge: Any = None  # drift.DriftJudge when the history is on
+    layerwise: list[dict[str, Any]] = field(default_factory=list)  # per-op rows for the history
+
+    # -- history and drift ----------------------------------------------------------------
+    def open_history(self) -> None:
+        """Create/migrate the history (controller only) and read the baselines for drift."""
+        if self.settings.no_history:
+            return
+        from . import drift, history
+
+        if self.worker_id is None:
+            history.ensure_history(self.settings.history)
+        self.judge = drift.DriftJudge(self.settings.history, self.settings.baseline,
+                                      self.settings.fail_on_drift or drift.DEFAULT_FACTOR)
+
+    def judge_drift(self, result: Any) -> list[str]:
+        """Attach drift verdicts to the last result; the messages of significant drift when
+        --tf2cntk-fail-on-drift is set (they fail the item)."""
+        if self.judge is None or not self.results:
+            return []
+        record = self.results[-1]
+        verdicts = self.judge.judge_result(record)
+        record["drift"] = {k: v.to_json() for k, v in verdicts.items()}
+        if not self.settings.fail_on_drift:
+            return []
+        return [v.message for v in verdicts.values() if v.significant]
 
     # -- models ---------------------------------------------------------------------------
     def is_model(self, path: Path) -> bool:
@@ -155,14 +182,24 @@ class Tf2CntkSession:
         record = result.to_json()
         record["model"] = self._rel(Path(conv.source))
         self.results.append(record)
+        self._last = result
+        drifted = self.judge_drift(result)
+        if drifted and result.passed:
+            from .errors import ParityFailure
+
+            raise ParityFailure(f"{result}\nerror drift beyond --tf2cntk-fail-on-drift="
+                                f"{s.fail_on_drift:g}:\n" + "\n".join(f"  {m}" for m in drifted))
         return result
 
     def record_skip(self, path: Path, device: str, reason: str) -> None:
         self.results.append({"model": self._rel(path), "device": device, "skipped": reason})
 
-    @staticmethod
-    def properties(result: Any) -> list[tuple[str, Any]]:
-        """Key numbers for JUnit XML (record_property)."""
+    def properties(self) -> list[tuple[str, Any]]:
+        """Key numbers of the last parity check for JUnit XML (record_property)."""
+        result = self._last
+        if result is None:
+            return []
+        self._last = None
         props: list[tuple[str, Any]] = [("tf2cntk_passed", result.passed), ("tf2cntk_examples", result.examples)]
         for name, c in result.outputs.items():
             props += [(f"tf2cntk_{name}_scaled_error", f"{c.error:.6g}"),
@@ -170,6 +207,9 @@ class Tf2CntkSession:
                       (f"tf2cntk_{name}_headroom", f"{c.headroom:.6g}")]
         if result.reproducer:
             props.append(("tf2cntk_reproducer", result.reproducer))
+        drift = self.results[-1].get("drift", {}) if self.results else {}
+        props += [(f"tf2cntk_{name}_drift_ratio", f"{v['ratio']:.4g}") for name, v in drift.items()
+                  if v.get("ratio") is not None]
         return props
 
     def progress(self, config: Any, msg: str) -> None:
@@ -189,10 +229,11 @@ class Tf2CntkSession:
 
     # -- xdist ----------------------------------------------------------------------------
     def payload(self) -> dict[str, Any]:
-        return {"results": self.results, "conversions": self.conversions}
+        return {"results": self.results, "conversions": self.conversions, "layerwise": self.layerwise}
 
     def merge(self, payload: dict[str, Any]) -> None:
         self.results.extend(payload.get("results", []))
+        self.layerwise.extend(payload.get("layerwise", []))
         seen = {(c["model"], c["ok"]) for c in self.conversions}
         for c in payload.get("conversions", []):
             if (c["model"], c["ok"]) not in seen:
@@ -233,14 +274,33 @@ class Tf2CntkSession:
         out += ["| " + " | ".join(r) + " |" for r in rows]
         return "\n".join(out) + "\n"
 
+    def _record_history(self, exitstatus: int) -> None:
+        if self.settings.no_history or not self.results:
+            return
+        from . import history
+        from .errors import HistoryError
+
+        try:
+            run = history.run_info(self.rootdir, options=self._settings_json(), results=self.results,
+                                   exitstatus=exitstatus, duration=time.time() - self.started,
+                                   started=self.started)
+            run_id = history.record_run(self.settings.history, run, self.results,
+                                        layerwise=self.layerwise or None)
+            self.notes.append(f"tf2cntk: run {run_id} recorded in {self.settings.history}")
+        except HistoryError as exc:
+            self.notes.append(f"tf2cntk: history not recorded: {exc}")
+
+    def _settings_json(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.settings.__dict__.items()
+                if k != "models"}
+
     def report(self, exitstatus: int) -> dict[str, Any]:
         from .conversion_cache import package_versions
 
         passed = all(r.get("passed", True) for r in self.results) and all(c["ok"] for c in self.conversions)
         return {"format": REPORT_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "duration": time.time() - self.started, "exitstatus": int(exitstatus), "passed": passed,
-                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in
-                             self.settings.__dict__.items() if k != "models"},
+                "settings": self._settings_json(),
                 "models": [self._rel(m) for m in self.settings.models],
                 "versions": package_versions(("tensorflow", "tensorflow-cpu", "keras", "tf2onnx", "onnx",
                                               "onnxruntime", "numpy", "hypothesis")),
@@ -256,6 +316,7 @@ class Tf2CntkSession:
             tmp.write_text(json.dumps(self.report(exitstatus), indent=1, default=str), "utf-8")
             os.replace(tmp, path)
             self.notes.append(f"tf2cntk: JSON report written to {path}")
+        self._record_history(exitstatus)
         summary = os.environ.get("GITHUB_STEP_SUMMARY")
         if summary:
             with open(summary, "a", encoding="utf-8") as fh:

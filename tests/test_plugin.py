@@ -161,3 +161,38 @@ def test_github_step_summary_is_written(project: pytest.Pytester, monkeypatch: p
     project.runpytest_subprocess("--tf2cntk-model=mlp.keras", "--tf2cntk-devices=cpu", *QUIET).assert_outcomes(passed=2)
     text = summary.read_text()
     assert "## tf2cntk parity" in text and "| mlp.keras | cpu | probs |" in text
+
+
+def test_history_records_runs_and_drift_fails_within_budget(project: pytest.Pytester) -> None:
+    """Runs land in the history; a CNTK-bound graph whose error grows many times but stays within
+    budget fails with --tf2cntk-fail-on-drift."""
+    test = """
+        import pytest
+        from pytest_tf2cntk import assert_parity
+
+        @pytest.mark.tf2cntk(model="mlp.keras")
+        def test_mlp(tf2cntk_model):
+            assert_parity(tf2cntk_model, "cpu", max_examples=5, seed=1, cntk_onnx={onnx!r})
+    """
+    project.makepyfile(test_drift=test.format(onnx=None))
+    args = ("-p", "no:cacheprovider", "--junitxml=j.xml")
+    project.runpytest_subprocess(*args).assert_outcomes(passed=1)
+    project.runpytest_subprocess(*args).assert_outcomes(passed=1)
+    from pytest_tf2cntk import load_history
+    from pytest_tf2cntk.conversion import convert
+
+    frame = load_history(project.path / ".tf2cntk" / "history.sqlite")
+    assert sorted(frame["run_id"].unique()) == [1, 2] and set(frame["output"]) == {"probs"}
+
+    import onnx
+
+    from .conftest import scale_weight
+
+    graph = onnx.load(str(convert(project.path / "mlp.keras").onnx_path))
+    scale_weight(graph, 1 + 1e-6)  # a small conversion error, within the budget
+    onnx.save(graph, str(project.path / "drifted.onnx"))
+    project.makepyfile(test_drift=test.format(onnx=str(project.path / "drifted.onnx")))
+    result = project.runpytest_subprocess(*args, "--tf2cntk-fail-on-drift=3")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*tf2cntk parity PASSED*", "*error drift beyond --tf2cntk-fail-on-drift=3:*",
+                                 "*probs*"])

@@ -1,0 +1,171 @@
+"""Conversion time: cold (fresh cache dir) vs cache hit, per fixture and for MobileNetV2 96x96.
+
+    .venv/bin/python benchmarks/conversion.py [--quick]
+
+In one warm process (TensorFlow, Keras and tf2onnx imported before timing; their import time is
+reported on its own), for each model:
+  cold           convert(path, batch, cache_dir=<fresh temp dir>): load the model, tf2onnx, passes
+                 (with their numeric proofs), validation, cache write. Median of --cold runs.
+  hit            convert() again on the filled cache: key (hash of the model files, options,
+                 versions, pipeline), metadata read, ONNX checksum. Median of --hits runs.
+  hit, new proc  the same hit from a fresh interpreter (what a new pytest session pays), and
+                 whether it imported TensorFlow (it should not).
+Fixtures at the batch the tests use (4; the LSTM at 1), MobileNetV2 at batch 1. A fixture that
+cannot be converted (gru) is timed too: its error is cached like a result.
+Writes results/conversion.json (conversion_quick.json with --quick).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+_HIT_SNIPPET = """
+import json, sys, time
+t0 = time.perf_counter()
+from pytest_tf2cntk.conversion import convert
+t1 = time.perf_counter()
+try:
+    convert(sys.argv[1], batch=int(sys.argv[2]), cache_dir=sys.argv[3])
+    ok = True
+except Exception as exc:
+    ok = type(exc).__name__
+t2 = time.perf_counter()
+print(json.dumps({"import_ms": (t1 - t0) * 1e3, "hit_ms": (t2 - t1) * 1e3, "ok": ok,
+                  "imported_tensorflow": "tensorflow" in sys.modules}))
+"""
+
+
+def log(msg: str) -> None:
+    print(f"[conversion {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def models() -> list[tuple[str, Callable[[], Path], int]]:
+    manifest = json.loads((ROOT / "fixtures" / "manifest.json").read_text())["fixtures"]
+    out: list[tuple[str, Callable[[], Path], int]] = []
+    for name, fx in manifest.items():
+        batches = fx.get("cntk_batches") or fx.get("cntk_mismatch_batches") or [4]
+        batch = 4 if 4 in batches else batches[0]
+        out.append((name, lambda p=ROOT / "fixtures" / fx["file"]: p, batch))
+
+    def mobilenet() -> Path:
+        from tests.zoo import application_model
+        return application_model("mobilenetv2_96")
+
+    out.append(("mobilenetv2_96", mobilenet, 1))
+    return out
+
+
+def timed_convert(path: Path, batch: int, cache_dir: Path) -> tuple[float, Any]:
+    from pytest_tf2cntk.conversion import convert
+
+    t0 = time.perf_counter()
+    try:
+        conv = convert(path, batch=batch, cache_dir=cache_dir)
+        status: Any = conv
+    except Exception as exc:  # a fixture that cannot convert: the error is cached too
+        status = exc
+    return time.perf_counter() - t0, status
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1 cold run and 3 hits per model")
+    ap.add_argument("--cold", type=int, help="cold conversions per model (default 3, quick 1)")
+    ap.add_argument("--hits", type=int, help="cache hits per model (default 7, quick 3)")
+    ap.add_argument("--out-dir", default=str(RESULTS))
+    args = ap.parse_args()
+    n_cold = args.cold or (1 if args.quick else 3)
+    n_hits = args.hits or (3 if args.quick else 7)
+    started = time.perf_counter()
+
+    t0 = time.perf_counter()
+    import tensorflow  # noqa: F401
+    t1 = time.perf_counter()
+    import keras  # noqa: F401
+    import tf2onnx  # noqa: F401
+    t2 = time.perf_counter()
+    imports = {"tensorflow_ms": (t1 - t0) * 1e3, "keras_tf2onnx_ms": (t2 - t1) * 1e3}
+    log(f"imports: {imports}")
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="tf2cntk-convbench-") as tmp:
+        # one throw-away conversion so that first-use costs inside TF/tf2onnx are not charged to
+        # whichever model comes first
+        timed_convert(ROOT / "fixtures" / "mlp.keras", 4, Path(tmp) / "warmup")
+        for name, get_path, batch in models():
+            path = get_path()
+            cold, status = [], None
+            for k in range(n_cold):
+                seconds, status = timed_convert(path, batch, Path(tmp) / f"{name}-cold{k}")
+                cold.append(seconds)
+            cache = Path(tmp) / f"{name}-cold0"
+            hits = []
+            for _ in range(n_hits):
+                seconds, hit = timed_convert(path, batch, cache)
+                hits.append(seconds)
+                if not isinstance(hit, Exception) and not hit.from_cache:
+                    raise SystemExit(f"{name}: expected a cache hit")
+            proc = subprocess.run([sys.executable, "-c", _HIT_SNIPPET, str(path), str(batch), str(cache)],
+                                  capture_output=True, text=True, cwd=str(ROOT), env=dict(os.environ))
+            try:
+                fresh = json.loads(proc.stdout.strip().splitlines()[-1])
+            except (IndexError, ValueError):
+                fresh = {"error": proc.stderr[-500:]}
+            size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*")
+                                                                  if p.is_file())
+            row = {"model": name, "batch": batch, "model_bytes": size,
+                   "status": "ok" if not isinstance(status, Exception) else
+                   f"{type(status).__name__} (cached error)",
+                   "onnx_bytes": status.onnx_path.stat().st_size if not isinstance(status, Exception) else None,
+                   "passes": [p["name"] for p in status.passes] if not isinstance(status, Exception) else [],
+                   "cold_ms": [s * 1e3 for s in cold], "hit_ms": [s * 1e3 for s in hits],
+                   "cold_median_ms": statistics.median(cold) * 1e3,
+                   "hit_median_ms": statistics.median(hits) * 1e3,
+                   "hit_fresh_process": fresh}
+            row["speedup"] = row["cold_median_ms"] / row["hit_median_ms"]
+            rows.append(row)
+            log(f"{name}: cold {row['cold_median_ms']:.0f} ms, hit {row['hit_median_ms']:.1f} ms, "
+                f"fresh-process hit {fresh.get('hit_ms', float('nan')):.1f} ms "
+                f"(TF imported: {fresh.get('imported_tensorflow')})")
+    data = {"date": time.strftime("%Y-%m-%d %H:%M"), "quick": args.quick,
+            "seconds": time.perf_counter() - started, "imports": imports,
+            "host": {"python": platform.python_version(), "cpus": os.cpu_count()},
+            "cold_runs": n_cold, "hit_runs": n_hits, "results": rows}
+    lines = [f"# Conversion time ({data['date']}; median of {n_cold} cold, {n_hits} hits; "
+             f"TF import {imports['tensorflow_ms']:.0f} ms not included)", "",
+             "| model | batch | status | cold | cache hit | speedup | hit, new process (+ package import) "
+             "| new process imports TF |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f = r["hit_fresh_process"]
+        fresh_txt = (f"{f['hit_ms']:.1f} ms (+{f['import_ms']:.0f} ms)" if "hit_ms" in f else "error")
+        lines.append(f"| {r['model']} | {r['batch']} | {r['status']} | {r['cold_median_ms']:.0f} ms "
+                     f"| {r['hit_median_ms']:.1f} ms | {r['speedup']:.0f}x | {fresh_txt} "
+                     f"| {'yes' if f.get('imported_tensorflow') else 'no'} |")
+    md = "\n".join(lines)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "conversion_quick" if args.quick else "conversion"
+    (out_dir / f"{stem}.json").write_text(json.dumps(data, indent=1))
+    (out_dir / f"{stem}.md").write_text(md + "\n")
+    print(md)
+    log(f"wrote {out_dir / stem}.json/.md in {data['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

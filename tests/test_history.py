@@ -1,0 +1,323 @@
+"""The history store: real SQLite files, several processes at once, broken and foreign files."""
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_tf2cntk import cli
+from pytest_tf2cntk import history as H
+from pytest_tf2cntk.drift import resolve_baseline
+from pytest_tf2cntk.errors import HistoryError
+
+ROOT = Path(__file__).resolve().parent.parent
+U32 = 2.0 ** -24
+
+
+def make_result(model: str = "m.keras", device: str = "cpu", errors: dict[str, float] | None = None,
+                budget: float = 1e-5, examples: int = 20) -> dict[str, Any]:
+    """A ParityResult.to_json()-shaped dict with the given scaled error per output."""
+    outputs = {}
+    for name, e in (errors or {"y": 1e-7}).items():
+        ok = e <= budget
+        metrics = {"shape_ok": True, "dtype_ok": True, "max_abs": e * 0.5, "ref_scale": 0.5, "max_rel": e * 4,
+                   "max_ulp": e / U32, "cosine": 1.0 - e, "top1_agreement": 1.0, "nan_mismatch": 0}
+        outputs[name] = {"output": name, "passed": ok, "reasons": [], "scaled_error": e,
+                         "budget": {"output": name, "value": budget, "terms": 3, "dominant": [["Gemm", 1.0]],
+                                    "overridden": False, "unknown_ops": [], "unit_roundoff": U32},
+                         "headroom": budget / e if e > 0 else math.inf,
+                         "stage": "none" if ok else "CNTK importer/runtime (ONNX -> CNTK)",
+                         "tf_vs_cntk": metrics, "tf_vs_ort": {**metrics, "max_abs": e * 0.25},
+                         "ort_vs_cntk": {**metrics, "max_abs": e * 0.25}}
+    return {"model": model, "device": device, "passed": all(o["passed"] for o in outputs.values()),
+            "examples": examples, "seconds": 0.1, "conversion": {}, "outputs": outputs, "inputs": {},
+            "input_domains": {}, "reproducer": None, "timings": {}, "seed": 1,
+            "versions": {"tensorflow": "2.21.0", "tf2onnx": "1.17.0", "cntk": "2.7", "cntk_numpy": "1.19.5",
+                         "cntk_python": "3.6.15", "python": "3.11.7"}}
+
+
+def make_run(i: int = 0, **versions: str) -> dict[str, Any]:
+    return {"time": 1.7e9 + 3600 * i, "host": "ci", "git_commit": f"{i:x}" * 40,
+            "versions": {"tensorflow": "2.21.0", "tf2onnx": "1.17.0", "onnx": "1.17.0", "onnxruntime": "1.20",
+                         "keras": "3.5", "numpy": "2.1", "python": "3.11.7", "cntk": "2.7",
+                         "cntk_numpy": "1.19.5", "cntk_python": "3.6.15", **versions},
+            "options": {"max_examples": 20, "devices": ["cpu"]}}
+
+
+def table(path: Path, sql: str) -> list[tuple]:
+    con = sqlite3.connect(str(path))
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+# -- recording ----------------------------------------------------------------------------------
+
+def test_record_run_stores_every_metric_skips_and_layers(tmp_path: Path) -> None:
+    path = tmp_path / ".tf2cntk" / "history.sqlite"
+    results = [make_result(errors={"probs": 2e-7, "logits": 4e-6}),
+               {"model": "m.keras", "device": "gpu", "skipped": "no GPU visible to TensorFlow"}]
+    layers = [{"model": "m.keras", "device": "cpu", "node": "gemm_1", "op_type": "Gemm", "tf_layer": "dense",
+               "local_error": 3e-7, "budget": 1e-5}]
+    run_id = H.record_run(path, make_run(1), results, layerwise=layers)
+    assert run_id == 1 and path.is_file()
+    row = table(path, "SELECT model, device, output, scaled_error, budget, headroom, max_abs, max_rel, max_ulp, "
+                      "cosine, top1, stage, passed, examples, unit_roundoff, converter_error, importer_error "
+                      "FROM results WHERE output = 'probs'")[0]
+    assert row[:3] == ("m.keras", "cpu", "probs")
+    assert row[3] == pytest.approx(2e-7) and row[4] == 1e-5 and row[5] == pytest.approx(50.0)
+    assert row[6] == pytest.approx(1e-7) and row[7] == pytest.approx(8e-7) and row[9] == pytest.approx(1 - 2e-7)
+    assert row[10] == 1.0 and row[11] == "none" and row[12] == 1 and row[13] == 20 and row[14] == U32
+    assert row[15] == pytest.approx(1e-7) and row[16] == pytest.approx(1e-7)  # 0.25 x e / 0.5
+    assert table(path, "SELECT model, device, reason FROM skips") == \
+        [("m.keras", "gpu", "no GPU visible to TensorFlow")]
+    assert table(path, "SELECT node, op_type, tf_layer, local_error FROM layers") == \
+        [("gemm_1", "Gemm", "dense", 3e-7)]
+    run = table(path, "SELECT host, git_commit, tensorflow, tf2onnx, cntk, cntk_numpy, cntk_python, passed, "
+                      "options FROM runs")[0]
+    assert run[:8] == ("ci", "1" * 40, "2.21.0", "1.17.0", "2.7", "1.19.5", "3.6.15", 1)
+    assert '"max_examples": 20' in run[8]
+    assert table(path, "PRAGMA journal_mode") == [("wal",)]
+    assert table(path, "PRAGMA application_id") == [(H.APPLICATION_ID,)]
+    assert table(path, f"SELECT version FROM {H.SCHEMA_TABLE} ORDER BY version") == [(1,), (2,)]
+
+
+def test_same_output_twice_in_a_run_keeps_the_worst(tmp_path: Path) -> None:
+    path = tmp_path / "h.sqlite"
+    H.record_run(path, make_run(), [make_result(errors={"y": 1e-7}), make_result(errors={"y": 5e-7}),
+                                    make_result(errors={"y": 2e-7})])
+    assert table(path, "SELECT scaled_error FROM results") == [(5e-7,)]
+
+
+def test_load_history_is_one_row_per_run_model_device_output(tmp_path: Path) -> None:
+    path = tmp_path / "h.sqlite"
+    for i in range(3):
+        H.record_run(path, make_run(i), [make_result("a.keras", errors={"p": 1e-7 * (i + 1), "q": 1e-6}),
+                                         make_result("b.keras", "cpu", {"z": 3e-7})])
+    H.tag_run(path, 2, "release")
+    df = H.load_history(path)
+    assert len(df) == 9 and list(df.columns[:3]) == ["run_id", "time", "time_unix"]
+    assert {"git_commit", "host", "tensorflow", "tf2onnx", "cntk", "cntk_python", "tags", "model", "device",
+            "output", "scaled_error", "budget", "headroom", "max_ulp", "cosine", "top1", "stage", "passed",
+            "examples"} <= set(df.columns)
+    assert str(df["time"].dt.tz) == "UTC" and df["passed"].dtype == bool
+    assert df.groupby(["run_id", "model", "device", "output"]).size().max() == 1
+    assert set(df.loc[df["run_id"] == 2, "tags"]) == {"release"}
+    assert len(H.load_history(path, since=2, model="A.KERAS")) == 4  # runs 2-3, model a: p and q
+    assert len(H.load_history(path, since="2023-11-14T23:00:00+00:00")) == 6  # 1.7e9 + 3600 is 23:13
+
+
+def test_git_commit_inside_and_outside_a_repository(tmp_path: Path) -> None:
+    commit = H.git_commit(ROOT)
+    if (ROOT / ".git").exists():
+        assert commit is not None and len(commit) == 40
+    assert H.git_commit(tmp_path) is None
+
+
+def test_run_info_has_host_commit_and_both_sides_versions() -> None:
+    run = H.run_info(ROOT, options={"seed": 3}, results=[make_result()])
+    assert run["host"] and run["options"] == {"seed": 3}
+    assert run["versions"]["cntk"] == "2.7" and run["versions"]["python"]
+
+
+# -- concurrency --------------------------------------------------------------------------------
+
+def _writer(path: str, worker: int, runs: int) -> None:
+    for i in range(runs):
+        H.record_run(path, make_run(i), [make_result(f"model_{worker}.keras", errors={"a": 1e-7, "b": 2e-7}),
+                                         {"model": f"model_{worker}.keras", "device": "gpu", "skipped": "x"}],
+                     layerwise=[{"model": f"model_{worker}.keras", "device": "cpu", "node": "n", "op_type": "Gemm",
+                                 "tf_layer": "d", "local_error": 1e-7, "budget": 1e-5}])
+
+
+def test_concurrent_writers_lose_no_rows(tmp_path: Path) -> None:
+    path = tmp_path / "h.sqlite"  # not created yet: the processes also race to create the schema
+    workers, runs = 6, 20
+    ctx = multiprocessing.get_context("spawn")  # no fork after TensorFlow may have started threads
+    procs = [ctx.Process(target=_writer, args=(str(path), w, runs)) for w in range(workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * workers
+    assert table(path, "SELECT COUNT(*), COUNT(DISTINCT run_id), MAX(run_id) FROM runs") == [(120, 120, 120)]
+    assert table(path, "SELECT COUNT(*) FROM results") == [(workers * runs * 2,)]
+    assert table(path, "SELECT COUNT(*) FROM skips") == [(workers * runs,)]
+    assert table(path, "SELECT COUNT(*) FROM layers") == [(workers * runs,)]
+    assert table(path, "SELECT model, COUNT(*) FROM results GROUP BY model") == \
+        [(f"model_{w}.keras", runs * 2) for w in range(workers)]
+    assert table(path, "PRAGMA integrity_check") == [("ok",)]
+
+
+# -- files that are not (or no longer) ours ------------------------------------------------------
+
+def _assert_refused(path: Path, *words: str) -> None:
+    before = path.read_bytes()
+    for attempt in (lambda: H.record_run(path, make_run(), [make_result()]), lambda: H.load_history(path),
+                    lambda: H.tag_run(path, 1, "x")):
+        with pytest.raises(HistoryError) as info:
+            attempt()
+        text = str(info.value)
+        assert str(path) in text and "fix:" in text
+        for w in words:
+            assert w in text
+    assert path.read_bytes() == before  # never overwritten
+    assert not Path(f"{path}-wal").exists()
+
+
+def test_a_file_that_is_not_sqlite_is_refused_and_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "history.sqlite"
+    path.write_bytes(b"this is a text file someone saved here\n" * 200)
+    _assert_refused(path, "cannot be read", "mv")
+
+
+def test_a_corrupted_history_is_refused_and_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "history.sqlite"
+    for i in range(30):
+        H.record_run(path, make_run(i), [make_result(errors={f"out{k}": 1e-7 for k in range(20)})])
+    data = bytearray(path.read_bytes())
+    page = table(path, "PRAGMA page_size")[0][0]
+    assert not Path(f"{path}-wal").exists() and len(data) > 4 * page  # checkpointed when the last writer closed
+    data[page:len(data)] = bytes(len(data) - page)  # keep the header and schema page, zero the rest
+    path.write_bytes(bytes(data))
+    _assert_refused(path, "corrupt")
+
+
+def test_another_applications_sqlite_is_refused_and_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "app.sqlite"
+    con = sqlite3.connect(str(path))
+    con.execute("CREATE TABLE contacts (name TEXT)")
+    con.execute("INSERT INTO contacts VALUES ('ada')")
+    con.commit()
+    con.close()
+    _assert_refused(path, "not a tf2cntk history", "contacts")
+
+
+def test_an_empty_database_of_another_application_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "app.sqlite"
+    con = sqlite3.connect(str(path))
+    con.execute("PRAGMA application_id = 1234")
+    con.close()
+    _assert_refused(path, "0x4d2")
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "h.sqlite"
+    H.record_run(path, make_run(), [make_result()])
+    con = sqlite3.connect(str(path))
+    con.execute(f"INSERT INTO {H.SCHEMA_TABLE} VALUES (99, 'future')")
+    con.commit()
+    con.close()
+    with pytest.raises(HistoryError, match="schema version 99"):
+        H.record_run(path, make_run(), [make_result()])
+    assert table(path, "SELECT COUNT(*) FROM runs") == [(1,)]
+
+
+def test_a_missing_file_is_not_created_by_readers(tmp_path: Path) -> None:
+    path = tmp_path / "none.sqlite"
+    with pytest.raises(HistoryError, match="no history"):
+        H.load_history(path)
+    assert resolve_baseline(path, "latest") is None
+    assert not path.exists()
+
+
+# -- migration ----------------------------------------------------------------------------------
+
+V1_SCHEMA = [  # the first layout, as version 1 wrote it
+    f"PRAGMA application_id = {H.APPLICATION_ID}",
+    "CREATE TABLE tf2cntk_schema (version INTEGER PRIMARY KEY, applied TEXT NOT NULL)",
+    "INSERT INTO tf2cntk_schema VALUES (1, '2024-01-01T00:00:00+00:00')",
+    "CREATE TABLE runs (run_id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, git_commit TEXT, "
+    "versions TEXT NOT NULL DEFAULT '{}', options TEXT NOT NULL DEFAULT '{}')",
+    "CREATE TABLE results (run_id INTEGER NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE, model TEXT NOT NULL, "
+    "device TEXT NOT NULL, output TEXT NOT NULL, scaled_error REAL, budget REAL, passed INTEGER, "
+    "PRIMARY KEY (run_id, model, device, output))",
+    "INSERT INTO runs (time, git_commit, versions, options) VALUES ('2024-01-01T10:00:00+00:00', 'abc', "
+    "'{\"tensorflow\": \"2.15.0\", \"tf2onnx\": \"1.16.1\", \"cntk\": \"2.7\"}', '{}')",
+    "INSERT INTO runs (time, git_commit, versions, options) VALUES ('2024-01-02T10:00:00+00:00', 'abd', "
+    "'{\"tensorflow\": \"2.16.1\", \"tf2onnx\": \"1.16.1\", \"cntk\": \"2.7\"}', '{}')",
+    "INSERT INTO results VALUES (1, 'm.keras', 'cpu', 'y', 2e-7, 1e-5, 1)",
+    "INSERT INTO results VALUES (2, 'm.keras', 'cpu', 'y', 4e-7, 1e-5, 1)",
+]
+
+
+def test_a_version_1_file_is_migrated_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    con = sqlite3.connect(str(path))
+    for stmt in V1_SCHEMA:
+        con.execute(stmt)
+    con.commit()
+    con.close()
+    run_id = H.record_run(path, make_run(3), [make_result(errors={"y": 3e-7})])
+    assert run_id == 3
+    assert table(path, f"SELECT version FROM {H.SCHEMA_TABLE} ORDER BY version") == [(1,), (2,)]
+    assert table(path, "SELECT run_id, tensorflow, tf2onnx, cntk, passed FROM runs ORDER BY run_id")[:2] == \
+        [(1, "2.15.0", "1.16.1", "2.7", 1), (2, "2.16.1", "1.16.1", "2.7", 1)]
+    df = H.load_history(path)
+    assert df["run_id"].tolist() == [1, 2, 3]
+    assert df["headroom"].tolist()[:2] == pytest.approx([50.0, 25.0])  # backfilled from budget / error
+    assert df["time"].iloc[0].isoformat() == "2024-01-01T10:00:00+00:00"
+    assert table(path, "PRAGMA integrity_check") == [("ok",)]
+    H.tag_run(path, 1, "old-release")  # new tables work on the migrated file
+    assert resolve_baseline(path, "old-release") == 1
+
+
+# -- tags, baselines, CLI -------------------------------------------------------------------------
+
+def test_tags_are_unique_and_retagging_moves_them(tmp_path: Path) -> None:
+    path = tmp_path / "h.sqlite"
+    for i in range(3):
+        H.record_run(path, make_run(i), [make_result()])
+    assert H.tag_run(path, 1, "release") is None
+    assert H.tag_run(path, 3, "release") == 1
+    assert H.tags(path) == {"release": 3}
+    for bad in ("", "42", "latest"):
+        with pytest.raises(HistoryError, match="bad tag name"):
+            H.tag_run(path, 1, bad)
+    with pytest.raises(HistoryError, match="no run 9"):
+        H.tag_run(path, 9, "x")
+    assert [r["run_id"] for r in H.list_runs(path)] == [3, 2, 1]
+    assert H.list_runs(path)[0]["tags"] == "release"
+
+
+def test_resolve_baseline_latest_id_and_tag(tmp_path: Path) -> None:
+    path = tmp_path / "h.sqlite"
+    for i in range(4):
+        H.record_run(path, make_run(i), [make_result()])
+    H.tag_run(path, 2, "good")
+    assert resolve_baseline(path, "latest") == 4
+    assert resolve_baseline(path, "latest", before=4) == 3
+    assert resolve_baseline(path, "latest", before=1) is None
+    assert resolve_baseline(path, "3") == 3 and resolve_baseline(path, 1) == 1
+    assert resolve_baseline(path, "good") == 2
+    with pytest.raises(HistoryError, match="run 7 is not in"):
+        resolve_baseline(path, "7")
+    with pytest.raises(HistoryError, match=r"tag 'gold' is not in .*tags: good"):
+        resolve_baseline(path, "gold")
+
+
+def test_cli_tag_and_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(cli, "_EXTRA_COMMANDS", [H.register_cli])
+    path = tmp_path / "h.sqlite"
+    for i in range(2):
+        H.record_run(path, make_run(i), [make_result()])
+    assert cli.main(["tag", "1", "v1.0", "--history", str(path)]) == 0
+    assert cli.main(["tag", "2", "v1.0", "--history", str(path)]) == 0
+    assert "moved from run 1" in capsys.readouterr().out
+    assert cli.main(["runs", "--history", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:2] == ["run", "time"] and out[1].split()[0] == "2" and out[1].endswith("v1.0")
+    assert cli.main(["tag", "5", "x", "--history", str(path)]) == cli.EXIT_USAGE
+    assert "no run 5" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)  # default path: .tf2cntk/history.sqlite under the project root
+    (tmp_path / "pyproject.toml").write_text("")
+    assert cli.main(["runs"]) == cli.EXIT_USAGE
+    assert f"no history at {tmp_path / '.tf2cntk' / 'history.sqlite'}" in capsys.readouterr().err
+    assert not (tmp_path / ".tf2cntk").exists()
+    assert os.getcwd() == str(tmp_path)
