@@ -592,26 +592,37 @@ def markdown(data: dict[str, Any]) -> str:
     lines.append(row("**overall**", recs, sum(1 for r in data["mutations"] if r["status"] != "ok")))
     eff = [r for r in recs if not r["fixed"]["inert"]]
     lines.append(row("overall, non-inert", eff, 0))
+    fa_runs = {fa["model"]: fa for fa in data["false_alarms"]}
     lines += ["", "### Per model", "",
-              "| model | n | engine | engine rule | Polygraphy | torch fp32 | tf2onnx | weight 1e-4: engine "
-              "| weight 1e-4: Polygraphy / torch / tf2onnx |", "|---|---|---|---|---|---|---|---|---|"]
+              "`false alarms` repeats the engine / Polygraphy false-alarm runs of the unmutated model: "
+              "a rule that already fails the correct conversion \"detects\" every mutation for free.", "",
+              "| model | n | inert | engine | engine rule | Polygraphy | torch fp32 | tf2onnx | weight 1e-4: engine "
+              "| weight 1e-4: Polygraphy / torch / tf2onnx | false alarms (engine / Polygraphy) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for model in dict.fromkeys(r["model"] for r in data["mutations"]):
         sel = [r for r in recs if r["model"] == model]
         small = [r for r in sel if r["kind"] == "weight 1e-4"]
-        lines.append(f"| {model} | {len(sel)} | {pct(sum(r['engine']['detected'] for r in sel), len(sel))} | "
+        fa = fa_runs.get(model)
+        fa_txt = (f"{fa['failed_runs']['engine']}/{fa['n_runs']} / {fa['failed_runs']['polygraphy']}/{fa['n_runs']}"
+                  if fa else "-")
+        lines.append(f"| {model} | {len(sel)} | {sum(r['fixed']['inert'] for r in sel)} "
+                     f"| {pct(sum(r['engine']['detected'] for r in sel), len(sel))} | "
                      + " | ".join(pct(sum(r["fixed"][k] for r in sel), len(sel)) for k in ("engine",) + RULES)
                      + f" | {pct(sum(r['engine']['detected'] for r in small), len(small))} | "
-                     + " / ".join(pct(sum(r["fixed"][k] for r in small), len(small)) for k in RULES) + " |")
+                     + " / ".join(pct(sum(r["fixed"][k] for r in small), len(small)) for k in RULES)
+                     + f" | {fa_txt} |")
     missed = [r for r in recs if not r["engine"]["detected"] and not r["fixed"]["inert"]]
     if missed:
         lines += ["", "### Effective mutations the engine missed", "",
                   "`effect` = max|CNTK mutated - CNTK original| / rms(TF) on the fixed inputs, to set "
                   "against the budget.", "",
-                  "| model | mutation | effect | budget | caught by |", "|---|---|---|---|---|"]
+                  "| model | mutation | effect | budget | effect / budget | caught by |",
+                  "|---|---|---|---|---|---|"]
         for r in missed:
-            by = [k for k in RULES if r["fixed"][k]]
-            lines.append(f"| {r['model']} | {r['detail']} | {r['fixed']['effect']:.3g} | "
-                         f"{max(r['engine']['budget'].values()):.3g} | {', '.join(by) or 'none'} |")
+            by = [k for k in ("engine rule",) + RULES if r["fixed"]["engine" if k == "engine rule" else k]]
+            b = max(r["engine"]["budget"].values())
+            lines.append(f"| {r['model']} | {r['detail']} | {r['fixed']['effect']:.3g} | {b:.3g} "
+                         f"| {r['fixed']['effect'] / b:.2f} | {', '.join(by) or 'none'} |")
     wrong = [r for r in recs if r["engine"]["detected"] and not r["engine"]["attribution_ok"]]
     if wrong:
         lines += ["", "### Detections with a stage other than CNTK", ""]
@@ -646,7 +657,14 @@ def main() -> int:
     ap.add_argument("--examples", type=int, help="examples per seed")
     ap.add_argument("--targets", type=int, help="targets per mutation kind per model")
     ap.add_argument("--out-dir", default=str(RESULTS))
+    ap.add_argument("--report-only", metavar="JSON", help="rewrite the Markdown from a results JSON")
     args = ap.parse_args()
+    if args.report_only:
+        src = Path(args.report_only)
+        md = markdown(json.loads(src.read_text()))
+        src.with_suffix(".md").write_text(md)
+        print(md)
+        return 0
     quick = args.quick
     n_seeds = args.seeds or (3 if quick else 10)
     examples = args.examples or (5 if quick else 20)

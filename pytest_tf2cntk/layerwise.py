@@ -57,8 +57,12 @@ if TYPE_CHECKING:
     from .conversion import Conversion
 
 DEFAULT_CHUNK = 64
-CHUNK_BYTES = 96 << 20  # per side (CNTK, ONNX Runtime) and chunk, estimated from static shapes
+CHUNK_BYTES = 32 << 20  # per side (CNTK, ONNX Runtime) and chunk, estimated from static shapes
 SESSION_CACHE_SIZE = 512
+# ops whose output is a sum of products of their inputs: their rounding error scales with the
+# magnitude of the terms, so the budget gets the node's condition number (see _Pass.condition)
+LINEAR_ACCUMULATING = {"Conv", "ConvTranspose", "MatMul", "Gemm", "AveragePool", "GlobalAveragePool",
+                       "ReduceSum", "ReduceMean", "Sum"}
 STATUS_OK = "ok"
 STATUS_PENDING = "pending"
 STATUS_OVER = "over budget"
@@ -122,6 +126,8 @@ class NodeReport:
     notes: list[str] = field(default_factory=list)
     index: int = 0                  # position in topological order
     metrics: dict[str, Any] | None = None  # metrics.compare of the worst output (over-budget nodes)
+    base_budget: float | None = None  # budgets.op_budget of the node
+    condition: float = 1.0          # kappa of an accumulating op (budget = base_budget * kappa)
 
     @property
     def ratio(self) -> float | None:
@@ -138,6 +144,7 @@ class NodeReport:
     def to_json(self) -> dict[str, Any]:
         return {"index": self.index, "node": self.node, "op_type": self.op_type, "tf_layer": self.tf_layer,
                 "tf_op": self.tf_op, "local_error": _num(self.local_error), "budget": _num(self.budget),
+                "base_budget": _num(self.base_budget), "condition": _num(self.condition),
                 "ratio": _num(self.ratio), "status": self.status, "drift": _num(self.drift),
                 "inputs_from_ort": list(self.inputs_from_ort),
                 "mapping": [m.to_json() for m in self.mapping], "notes": list(self.notes),
@@ -184,6 +191,9 @@ class Localization:
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     suspects: list[str] = field(default_factory=list)  # culprit + unobservable producers upstream
+    # peak_held_mb: most tensor bytes held at once (both sides); all_intermediates_mb: what holding
+    # every intermediate of both sides would take; chunks: CNTK evals / ONNX Runtime runs made
+    memory: dict[str, float] = field(default_factory=dict)
 
     @property
     def over_budget(self) -> list[NodeReport]:
@@ -255,7 +265,8 @@ class Localization:
                 "confirmation": self.confirmation.to_json() if self.confirmation else None,
                 "suspects": list(self.suspects), "seconds": self.seconds, "checked": self.checked,
                 "total": self.total, "stopped_early": self.stopped_early, "notes": list(self.notes),
-                "timings": dict(self.timings), "nodes": [n.to_json() for n in self.nodes]}
+                "timings": dict(self.timings), "memory": dict(self.memory),
+                "nodes": [n.to_json() for n in self.nodes]}
 
     def history_rows(self, model: str | None = None, device: str | None = None) -> list[dict[str, Any]]:
         """One row per checked node: model, device, node, op_type, tf_layer, local_error, budget."""
@@ -819,6 +830,8 @@ class _Pass:
         self.layers = _keras_layer_names(conversion)
         self.terms = node_terms(self.ref.model, self.config)
         self._culprit_inputs: dict[str, Any] = {}
+        self.poisoned: dict[str, str] = {}
+        self.cidx: _CntkIndex | None = None
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -844,6 +857,14 @@ class _Pass:
         from .errors import WorkerCrashed, WorkerTimeout
 
         failed: dict[str, str] = {}
+        if self.poisoned:  # downstream of a variable CNTK cannot evaluate: do not even ask
+            keep = []
+            for u in uids:
+                if u in self.poisoned:
+                    failed[u] = self.poisoned[u]
+                else:
+                    keep.append(u)
+            uids = keep
         if not uids:
             return {}, failed
         try:
@@ -859,6 +880,15 @@ class _Pass:
         b, fb = self.cntk_eval(uids[half:])
         a.update(b)
         fa.update(fb)
+        fa.update(failed)
+        for u, why in list(fa.items()):  # everything computed from a failing variable fails too
+            stack = [u]
+            while stack:
+                for f in self.cidx.users.get(stack.pop(), []) if self.cidx else []:
+                    for o in f.outputs:
+                        if o.cntk_uid not in self.poisoned and o.cntk_uid not in fa:
+                            self.poisoned[o.cntk_uid] = why + " (upstream)"
+                            stack.append(o.cntk_uid)
         return a, fa
 
     # -- the pass ------------------------------------------------------------------------------
@@ -871,6 +901,7 @@ class _Pass:
             self.cntk_feeds = {i.name: _to_dtype(self.feeds[i.name], np.dtype(i.dtype))
                                for i in self.loaded.inputs if i.name in self.feeds}
             cnodes = self.worker.nodes(self.loaded)
+            self.cidx = _CntkIndex(self.loaded, cnodes)
             self.mapping = map_tensors(ref, self.cg, self.loaded, cnodes)
             self.timings["setup"] += time.perf_counter() - t0
             loc = self.scan()
@@ -927,6 +958,8 @@ class _Pass:
         checked = 0
         stopped = ""
         pos = 0
+        peak = 0
+        chunks = 0
         while pos < len(order):
             if culprit is not None and self.stop_at_culprit:
                 break
@@ -953,6 +986,9 @@ class _Pass:
             ort_names = [t for n in nodes for t in n.output if t]
             ort_vals = self._ort_graph(ort_names, feeds_ort)
             self.timings["ort_graph"] += time.perf_counter() - t1
+            chunks += 1
+            peak = max(peak, sum(v.nbytes for d in (by_uid, ort_vals, cntk_held, ort_held)
+                                 for v in d.values() if v is not None))
             for node in nodes:
                 r = report_of[id(node)]
                 if stopped or (culprit is not None and self.stop_at_culprit):
@@ -987,6 +1023,9 @@ class _Pass:
         loc = Localization(str(self.conversion.source), self.device, str(self.conversion.onnx_path),
                            self.cntk_onnx, culprit, reports, checked=checked, total=len(order),
                            stopped_early=stopped)
+        everything = 2 * sum(self.est_bytes(t) for n in order for t in n.output if t and t in data)
+        loc.memory = {"peak_held_mb": round(peak / 1e6, 3), "all_intermediates_mb": round(everything / 1e6, 3),
+                      "chunks": chunks}
         if culprit is not None:
             loc.suspects = self._suspects(culprit, order)
         if self.stop_at_culprit and culprit is not None:
@@ -1025,6 +1064,7 @@ class _Pass:
         # the node's outputs on the CNTK side
         cntk_out: dict[str, np.ndarray] = {}
         unmapped: list[str] = []
+        cntk_errors: list[str] = []
         for t in outs:
             m = self.mapping.get(t)
             ort_v = ort_vals.get(t)
@@ -1036,8 +1076,8 @@ class _Pass:
                 ort_held[t] = ort_v
                 continue
             if m.cntk_uid in failed:
-                m.reason = failed[m.cntk_uid]
-                unmapped.append(m.reason)
+                cntk_errors.append(failed[m.cntk_uid])
+                unmapped.append(failed[m.cntk_uid])
                 ort_held[t] = ort_v
                 continue
             v = by_uid.get(m.cntk_uid)
@@ -1066,7 +1106,7 @@ class _Pass:
         if not any(i in data for i in node.input if i):
             r.status = STATUS_CONSTANT
             return
-        if not cntk_out:
+        if not cntk_out and not cntk_errors:
             r.status = "unmapped: " + (unmapped[0] if unmapped else "no output to compare")
             return
         # the node's inputs: CNTK's values where observable, else ONNX Runtime's (marked)
@@ -1090,6 +1130,19 @@ class _Pass:
             else:
                 r.status = f"no local reference: input {i} has no value"
                 return
+        if not cntk_out:
+            if r.inputs_from_ort:  # CNTK fails upstream already
+                r.status = f"unmapped: {cntk_errors[0]} (an input is not evaluable either)"
+                return
+            # CNTK computes every input of the node but not the node itself: it is the culprit
+            r.base_budget = r.budget = self.budget_of(node)
+            r.local_error = float("inf")
+            r.status = STATUS_OVER
+            r.notes.append(cntk_errors[0])
+            if not self._culprit_inputs:
+                self._culprit_inputs = {"inputs": inputs, "consts": consts, "local": {}, "cntk": {},
+                                        "cntk_error": cntk_errors[0]}
+            return
         model = one_node_model(node, inputs, consts, ref.types, ref.model.opset_import, ref.model.ir_version)
         try:
             sess = _session(model, self.device)
@@ -1098,13 +1151,16 @@ class _Pass:
         except Exception as exc:
             r.status = f"no local reference: ONNX Runtime cannot run the node alone ({str(exc).splitlines()[0][:120]})"
             return
-        r.budget = self.budget_of(node)
         errors = {t: _local_error(local[t], v) for t, v in cntk_out.items() if t in local}
         if not errors:
             r.status = "no local reference: ONNX Runtime returned none of the mapped outputs"
             return
         worst = max(errors, key=lambda t: errors[t])
         r.local_error = errors[worst]
+        r.base_budget = self.budget_of(node)
+        r.condition = self.condition(node, inputs, consts, local[worst], worst) if r.local_error > 0.1 * r.base_budget \
+            else 1.0
+        r.budget = r.base_budget * r.condition
         if unmapped:
             r.notes.append(f"only {len(cntk_out)} of {len(outs)} outputs compared: {unmapped[0]}")
         if r.inputs_from_ort:
@@ -1115,6 +1171,32 @@ class _Pass:
             r.metrics = dict(m.to_json(), tensor=worst)
         if r.over and not self._culprit_inputs:
             self._culprit_inputs = {"inputs": inputs, "consts": consts, "local": local, "cntk": cntk_out}
+
+    def condition(self, node: onnx.NodeProto, inputs: dict[str, np.ndarray], consts: dict[str, np.ndarray],
+                  out: np.ndarray, tensor: str) -> float:
+        """kappa = rms(|node|(|inputs|)) / rms(node(inputs)) for accumulating ops, else 1.
+
+        A sum's rounding error is bounded relative to the magnitudes it adds, not to its result
+        (|fl(sum) - sum| <= gamma_K * sum|terms|): where the terms cancel (a depthwise conv on a
+        smooth image, say) a correct implementation's error is kappa times larger relative to
+        the result. The node's budget is scaled by kappa, computed by running the node alone on
+        the absolute values of its inputs and constants."""
+        if node.op_type not in LINEAR_ACCUMULATING or out.dtype.kind != "f":
+            return 1.0
+        abs_in = {k: np.abs(v) for k, v in inputs.items()}
+        abs_c = {k: np.abs(v) if np.issubdtype(np.asarray(v).dtype, np.floating) else v for k, v in consts.items()}
+        try:
+            model = one_node_model(node, abs_in, abs_c, self.ref.types, self.ref.model.opset_import,
+                                   self.ref.model.ir_version)
+            sess = _session(model, self.device)
+            mags = np.abs(sess.run([tensor], abs_in)[0]).astype(np.float64)
+        except Exception:
+            return 1.0
+        denom = math.sqrt(float(np.mean(np.square(out.astype(np.float64)))))
+        num = math.sqrt(float(np.mean(np.square(mags))))
+        if not (denom > 0 and math.isfinite(num)):
+            return 1.0
+        return max(1.0, num / denom)
 
     def _suspects(self, culprit: NodeReport, order: list[onnx.NodeProto]) -> list[str]:
         """The culprit, plus the unobservable producers whose error could hide in its inputs."""
@@ -1163,8 +1245,10 @@ class _Pass:
                      if i.name in inputs}
             got = self.worker.eval(loaded, feeds)
         except Exception as exc:
-            return Confirmation(NOT_REPRODUCED, detail="CNTK could not run the node alone: "
-                                f"{str(exc).splitlines()[0][:200]}")
+            message = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            if saved.get("cntk_error"):
+                return Confirmation(CONFIRMED, detail=f"CNTK fails on the node alone too: {message}")
+            return Confirmation(NOT_REPRODUCED, detail=f"CNTK could not run the node alone: {message}")
         finally:
             if loaded is not None:
                 try:
@@ -1186,6 +1270,8 @@ class _Pass:
             errs.append(_local_error(ref_v, v))
             if t in cntk_out:
                 in_graph.append(_local_error(cntk_out[t], v) if np.any(cntk_out[t]) else 0.0)
+        if saved.get("cntk_error"):
+            return Confirmation(NOT_REPRODUCED, detail="CNTK computes the node alone but not inside the graph")
         if not errs:
             return Confirmation(NOT_REPRODUCED, detail="CNTK returned none of the node's outputs")
         err = max(errs)

@@ -171,7 +171,6 @@ def test_report_csv_current_and_all_rows(history_file: Path) -> None:
 
 def test_cli_report_writes_each_format(history_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                        capsys: pytest.CaptureFixture) -> None:
-    monkeypatch.setattr(cli, "_EXTRA_COMMANDS", [R.register_cli])
     for fmt in ("md", "csv"):
         out = tmp_path / f"report.{fmt}"
         assert cli.main(["report", "--history", str(history_file), "--format", fmt, "-o", str(out),
@@ -197,7 +196,6 @@ def test_calibrate_mlp_prints_pasteable_toml(tmp_path: Path, monkeypatch: pytest
 
     if not env_python(default_env_dir()).exists():
         pytest.skip("no CNTK environment (run `tf2cntk setup`)")
-    monkeypatch.setattr(cli, "_EXTRA_COMMANDS", [C.register_cli])
     monkeypatch.chdir(tmp_path)  # no project pyproject: defaults are the configured budgets
     stats = tmp_path / "cal.json"
     assert cli.main(["calibrate", str(FIXTURES / "mlp.keras"), "--batch", "4", "--seeds", "2", "--examples", "4",

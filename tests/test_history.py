@@ -303,7 +303,6 @@ def test_resolve_baseline_latest_id_and_tag(tmp_path: Path) -> None:
 
 
 def test_cli_tag_and_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    monkeypatch.setattr(cli, "_EXTRA_COMMANDS", [H.register_cli])
     path = tmp_path / "h.sqlite"
     for i in range(2):
         H.record_run(path, make_run(i), [make_result()])
