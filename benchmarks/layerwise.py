@@ -276,8 +276,9 @@ def markdown(data: dict[str, Any]) -> str:
         lines += ["", "| model | kind | mutated node | outcome | culprit ratio | confirmation |", "|---|---|---|---|---:|---|"]
         for r in h["faults"]:
             ratio = "-" if r.get("ratio") is None else f"{r['ratio']:.3g}"
-            lines.append(f"| {r['model']} | {r['kind']} | `{r['node'].split('/')[-2] if '/' in r['node'] else r['node']}"
-                         f"/{r['node'].split('/')[-1]}` | {r['outcome']} | {ratio} | {r.get('confirmation') or '-'} |")
+            node = "/".join(r["node"].split("/")[1:]) or r["node"]  # without the model's own scope
+            lines.append(f"| {r['model']} | {r['kind']} | `{node}` | {r['outcome']} | {ratio} | "
+                         f"{r.get('confirmation') or '-'} |")
         lines += ["", "## Clean conversions (false alarms)", "",
                   "| model | runs | false alarms | largest local error / budget |", "|---|---:|---:|---:|"]
         for cl in h["clean"]:

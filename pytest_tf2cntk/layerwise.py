@@ -5,13 +5,18 @@ every intermediate tensor of the converted graph on both sides and, node by node
 topological order, separates the error a node *adds* from the error it *receives*:
 
   local reference  r(n) = ONNX Runtime running node n alone on CNTK's values of n's inputs
-  local error      e(n) = max|cntk(n) - r(n)| / rms(r(n))          (metrics.compare)
-  own budget       b(n) = budgets.op_budget(node term of n, config, unit roundoff)
+  local error      e(n) = max|cntk(n) - r(n)| / rms(r(n))    (metrics.compare's max_abs/ref_scale)
+  own budget       b(n) = budgets.op_budget(node term of n, config, unit roundoff) x kappa(n)
 
 Error already present in the inputs is in both ``cntk(n)`` and ``r(n)``, so it cancels: only
-what n itself does differently remains. The first node with e(n) > b(n) is the culprit; it is
+what n itself does differently remains. kappa(n) >= 1 is the condition number of a sum-of-
+products op (Conv, MatMul, Gemm, pooling averages): rms of the node on |inputs|, |weights| over
+rms of its result; where terms cancel, a correct implementation's rounding is that much larger
+relative to the result (1 for every other op). The first node with e(n) > b(n) is the culprit
+(a node CNTK cannot compute at all while it computes its inputs is one too, error inf); it is
 mapped to its TF op (onnx_graph.tf_origin) and Keras layer, then confirmed by running it alone,
-as a one-node ONNX model, in CNTK and in ONNX Runtime on the same inputs.
+as a one-node ONNX model, in CNTK (the CNTK-bound graph's node) and in ONNX Runtime (the
+converted graph's node) on the same inputs.
 
 Mapping CNTK tensors to ONNX tensors (docs/layerwise.md has the full rule). CNTK keeps ONNX
 *node* names as function names; the worker's ``nodes`` op lists every top-level CNTK function
@@ -22,7 +27,10 @@ An ONNX tensor T of node P is read in CNTK as:
      consumer and read nothing else data-dependent (CNTK's separate bias Plus after a Conv);
   2. by structure, when no CNTK function has P's name (CNTK drops the names of Gemm blocks):
      the one anonymous, unclaimed CNTK function whose data inputs are exactly the CNTK tensors
-     of P's data inputs and whose output shape is T's; none or several -> unmapped;
+     of P's data inputs and whose output shape is T's; several -> unmapped (ambiguous);
+  2b. by consumer, when that fails too (an LSTM becomes a chain of anonymous sequence ops):
+     what the CNTK function of a named consumer of T reads in T's place, i.e. the nearest
+     variable with T's shape behind that input; consumers that disagree -> unmapped;
   3. a graph output not found so: the worker's own output matching;
 and its value must then have T's shape (up to size-1 axes, which do not move elements; axis
 order is ONNX's on both sides). Anything else is "unmapped: <reason>", never a guess; a
@@ -214,9 +222,11 @@ class Localization:
                          _fmt(n.local_error), _fmt(n.budget), _fmt(n.ratio, "x"), _short(n.status, 40)))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
-        hidden = len(rated) - (len(rows) - 1)
-        if hidden > 0:
-            lines.append(f"... {hidden} more checked node(s) within budget")
+        rest = rated[len(rows) - 1:]
+        if rest:
+            over = sum(1 for n in rest if n.over)
+            lines.append(f"... {len(rest)} more checked node(s)" + (f", {over} of them over budget" if over
+                                                                   else " within budget"))
         return "\n".join(lines)
 
     def summary(self) -> str:
@@ -244,6 +254,9 @@ class Localization:
                 lines.append(f"caution: input(s) {', '.join(c.inputs_from_ort)} of the culprit were not "
                              "observable in CNTK (ONNX Runtime's values were used): the error may belong "
                              f"to an upstream node: suspects {', '.join(self.suspects)}")
+            if c.condition > 1.0 and c.base_budget is not None:
+                lines.append(f"culprit budget: op budget {c.base_budget:.3g} x condition number "
+                             f"{c.condition:.3g} (its terms cancel)")
             for note in c.notes:
                 lines.append(f"culprit note: {note}")
             more = [n.node for n in self.over_budget if n is not c]
@@ -934,9 +947,8 @@ class _Pass:
             for i in dict.fromkeys(node.input):
                 if i and i not in ref.consts and i not in ref.inputs:
                     uses[i] = uses.get(i, 0) + 1
-        graph_outputs = {o.name for o in ref.model.graph.output}
         reports: list[NodeReport] = []
-        report_of: dict[str, NodeReport] = {}
+        report_of: dict[int, NodeReport] = {}
         for k, node in enumerate(order):
             r = NodeReport(node.name or f"<unnamed {node.op_type} -> {node.output[0]}>", node.op_type,
                            tf_layer_of(node, self.layers, ref.consts), og.tf_origin(node) if node.name else "",
@@ -1000,7 +1012,7 @@ class _Pass:
                     r.status = STATUS_NOT_REACHED
                     continue
                 t1 = time.perf_counter()
-                self._check_node(node, r, data, by_uid, failed, ort_vals, cntk_held, ort_held, graph_outputs)
+                self._check_node(node, r, data, by_uid, failed, ort_vals, cntk_held, ort_held)
                 self.timings["local"] += time.perf_counter() - t1
                 checked += 1
                 if r.over and culprit is None:
@@ -1058,7 +1070,7 @@ class _Pass:
 
     def _check_node(self, node: onnx.NodeProto, r: NodeReport, data: set[str], by_uid: dict[str, np.ndarray],
                     failed: dict[str, str], ort_vals: dict[str, np.ndarray], cntk_held: dict[str, np.ndarray],
-                    ort_held: dict[str, np.ndarray], graph_outputs: set[str]) -> None:
+                    ort_held: dict[str, np.ndarray]) -> None:
         ref = self.ref
         outs = [t for t in node.output if t]
         # the node's outputs on the CNTK side

@@ -82,14 +82,14 @@ def _chain(n_matmuls: int, k: int = 16) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)], ir_version=4)
 
 
-def test_budget_composes_root_sum_square_over_ancestors() -> None:
+def test_budget_sums_op_terms_over_ancestors() -> None:
     cfg = B.BudgetConfig()
     one = B.output_budgets(_chain(1), cfg)["r0"]
     four = B.output_budgets(_chain(4), cfg)["r3"]
     u = 2.0 ** -24
     # MatMul with K=16: 2 ulps * sqrt(16) = 8 per node; Relu is exact
     assert one.value == pytest.approx(cfg.headroom * u * 8)
-    assert four.value == pytest.approx(cfg.headroom * u * 8 * 2)  # sqrt(4 nodes)
+    assert four.value == pytest.approx(cfg.headroom * u * 8 * 4)  # four MatMuls add up
     assert one.terms == 1 and four.terms == 4
     assert one.dominant[0][0] == "MatMul"
 

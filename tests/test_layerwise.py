@@ -32,7 +32,7 @@ from .conftest import FIXTURES
 # ------------------------------------------------------------------------------------------------
 # planted faults (also used by benchmarks/layerwise.py)
 
-KINDS = ("weight x1.01", "weight x1.001", "bias shift", "scale constant x1.01", "Add constant replaced",
+KINDS = ("weight x1.01", "weight x1.001", "weight x1.0001", "bias shift", "scale constant x1.01", "Add constant replaced",
          "Clip max", "LeakyRelu alpha", "Relu -> LeakyRelu", "conv pads shift", "conv dilation",
          "transpose perm")
 
@@ -108,7 +108,7 @@ def fault_candidates(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> di
             continue
         for idx in {"Conv": (1,), "Gemm": (1,), "MatMul": (1,), "Gather": (0,)}.get(op, ()):
             if idx < len(node.input) and float_const(node.input[idx], 2):
-                for kind, f in (("weight x1.01", 1.01), ("weight x1.001", 1.001)):
+                for kind, f in (("weight x1.01", 1.01), ("weight x1.001", 1.001), ("weight x1.0001", 1.0001)):
                     out[kind].append(Fault(kind, name, f"{op} input {idx} x {f}",
                                            lambda m, n=name, i=idx, f=f: _set_const(m, n, i, lambda v: v * f)))
         for idx in {"Conv": (2,), "Gemm": (2,), "Add": (0, 1)}.get(op, ()):
