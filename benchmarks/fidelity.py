@@ -530,14 +530,36 @@ def known_bad(spec: ModelSpec, conv: Conversion, seed: int, examples: int, nfixe
 # report
 
 
+def engine_version() -> dict[str, Any]:
+    """Which engine produced the numbers: git commit, local edits, hashes of the rule's code."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                                  timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    pkg = ROOT / "pytest_tf2cntk"
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "package_modified": bool(git("status", "--porcelain", "--", "pytest_tf2cntk")),
+            **{f"{name}_sha256": hashlib.sha256((pkg / name).read_bytes()).hexdigest()[:12]
+               for name in ("budgets.py", "parity.py", "metrics.py")}}
+
+
 def pct(k: int, n: int) -> str:
     return f"{k}/{n} ({100.0 * k / n:.0f}%)" if n else "-"
 
 
 def markdown(data: dict[str, Any]) -> str:
     cfg = data["config"]
+    ver = data.get("engine", {})
     lines = [f"# Fidelity ({'quick' if cfg['quick'] else 'full'} run, {data['date']}, "
              f"{data['seconds'] / 60:.1f} min)", "",
+             f"Engine at commit {ver.get('commit', '?')}"
+             f"{' with local edits in pytest_tf2cntk/' if ver.get('package_modified') else ''} "
+             f"(budgets.py {ver.get('budgets.py_sha256', '?')}).", "",
              f"Budget headroom {cfg['headroom']:g} (budgets.DEFAULT_HEADROOM). False alarms: "
              f"{len(cfg['seeds'])} Hypothesis seeds x {cfg['examples']} examples per model. Detection: "
              f"up to {cfg['targets']} targets per mutation kind per distinct graph, engine run of "
@@ -682,7 +704,7 @@ def main() -> int:
                    "rules": {"polygraphy": "fail if |a-b| > 1e-5 and |a-b|/|b| > 1e-5 (elementwise)",
                              "torch": "fail if |a-b| > 1e-5 + 1.3e-6*|b| (or dtype differs)",
                              "tf2onnx": "fail if |a-b| > 1e-5 + 1e-7*|b|"}},
-        "date": time.strftime("%Y-%m-%d %H:%M"), "host": {"python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M"), "engine": engine_version(), "host": {"python": platform.python_version(),
                                                           "cpus": os.cpu_count()},
         "false_alarms": [], "mutations": [], "known_bad": []}
     seen_graphs: dict[str, str] = {}

@@ -99,7 +99,8 @@ def image_feeds(conv: Conversion, seed: int = 11) -> dict[str, np.ndarray]:
 def cost(batch: int, quick: bool) -> dict[str, Any]:
     conv = convert(application_model("mobilenetv2_96"), batch=batch)
     feeds = image_feeds(conv)
-    out: dict[str, Any] = {"model": "mobilenetv2_96", "batch": batch, "nodes": len(conv.onnx_model.graph.node)}
+    out: dict[str, Any] = {"model": "mobilenetv2_96", "batch": batch, "nodes": len(conv.onnx_model.graph.node),
+                           "load_average_before": [round(x, 2) for x in os.getloadavg()]}
     conv.tf_model  # load TF outside the measurements (the engine holds it already in real use)
 
     with CNTKWorker() as w:
@@ -128,6 +129,7 @@ def cost(batch: int, quick: bool) -> dict[str, Any]:
             loc3, out["localize_chunk16_warm"] = measure(lambda: localize(conv, feeds, worker=w, chunk=16), w)
         out["localize_chunk16_memory"] = loc3.memory
         log(f"localize chunk=16: {out['localize_chunk16_warm']} memory {loc3.memory}")
+    out["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     warm_p, warm_l = out["parity_evaluate_warm"]["seconds"], out["localize_warm"]["seconds"]
     out["localize_over_parity_warm"] = round(warm_l / warm_p, 2) if warm_p else None
     return out
@@ -246,6 +248,9 @@ def markdown(data: dict[str, Any]) -> str:
             return (f"| {label} | {m['seconds']:.2f} | {m['host_python_peak_mb']:.0f} | "
                     f"{(m['worker_vmhwm_mb'] or 0):.0f} |")
         lines += [f"## Cost: MobileNetV2 96x96, batch {c['batch']} ({c['nodes']} ONNX nodes), one input", "",
+                  f"Load average (1, 5, 15 min) before {c.get('load_average_before')}, after "
+                  f"{c.get('load_average_after')}: the 2 cores are shared, and a CNTK eval takes up to "
+                  "25x longer while other processes run, so compare the rows with each other.", "",
                   "| measurement | seconds | host Python peak MB (tracemalloc) | CNTK worker peak RSS MB (VmHWM) |",
                   "|---|---:|---:|---:|",
                   row("parity example, cold (`ParityEngine.evaluate`)", c["parity_evaluate_cold"]),
@@ -290,8 +295,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--per-kind", type=int, default=None, help="faults per kind and fixture (default 3, quick 1)")
-    ap.add_argument("--skip-cost", action="store_true")
-    ap.add_argument("--skip-faults", action="store_true")
+    ap.add_argument("--skip-cost", action="store_true", help="keep the last cost measurement")
+    ap.add_argument("--skip-faults", action="store_true", help="keep the last hit-rate measurement")
     ap.add_argument("--batch", type=int, default=8)
     args = ap.parse_args()
     per_kind = args.per_kind or (1 if args.quick else 3)
@@ -305,6 +310,12 @@ def main() -> int:
     data["seconds"] = round(time.perf_counter() - started, 1)
     RESULTS.mkdir(exist_ok=True)
     stem = "layerwise_quick" if args.quick else "layerwise"
+    previous = RESULTS / f"{stem}.json"
+    if previous.exists():  # a skipped part keeps its last measurement
+        old = json.loads(previous.read_text())
+        for part in ("cost", "hits"):
+            if part not in data and part in old:
+                data[part] = old[part]
     (RESULTS / f"{stem}.json").write_text(json.dumps(data, indent=1, default=str))
     (RESULTS / f"{stem}.md").write_text(markdown(data))
     print(markdown(data))

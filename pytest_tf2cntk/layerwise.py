@@ -443,9 +443,10 @@ class _CntkIndex:
                             changed = True
 
 
-def map_tensors(ref: _GraphFacts, cg: _GraphFacts, loaded: Any, cnodes: list) -> dict[str, TensorMapping]:
+def map_tensors(ref: _GraphFacts, cg: _GraphFacts, loaded: Any, cnodes: list,
+                idx: _CntkIndex | None = None) -> dict[str, TensorMapping]:
     """ONNX tensor of the reference graph -> how CNTK exposes it (see the module docstring)."""
-    idx = _CntkIndex(loaded, cnodes)
+    idx = idx or _CntkIndex(loaded, cnodes)
     onnx_names = {n.name for n in cg.model.graph.node if n.name}
     claimed: set[str] = set()  # CNTK function uids that belong to some ONNX node
     cg_var: dict[str, TensorMapping] = {}  # cg tensor -> mapping (shape = ONNX shape)
@@ -460,10 +461,14 @@ def map_tensors(ref: _GraphFacts, cg: _GraphFacts, loaded: Any, cnodes: list) ->
                           tuple(info.shape) if info is not None else None, rule)
         cg_var[tensor] = m
 
+    cg_users = og.consumers(cg.model)
+
     def forward(tensor: str) -> None:
         """Move the mapping over anonymous shape-preserving functions that complete the node."""
         m = cg_var[tensor]
         hops = []
+        if any(not c.name for c in cg_users.get(tensor, [])):
+            return  # an unnamed ONNX consumer is an anonymous CNTK function too: cannot tell them apart
         while True:
             users = idx.users.get(m.cntk_uid or "", [])
             if len(users) != 1:
@@ -525,7 +530,6 @@ def map_tensors(ref: _GraphFacts, cg: _GraphFacts, loaded: Any, cnodes: list) ->
         return origin(data_in[0], depth + 1)
 
     named_fn = {f.name: f for f in idx.funcs if f.onnx_outputs}
-    cg_users = og.consumers(cg.model)
 
     def var_shape(uid: str) -> tuple | None:
         f, i = idx.out_of.get(uid, (None, 0))
@@ -581,7 +585,7 @@ def map_tensors(ref: _GraphFacts, cg: _GraphFacts, loaded: Any, cnodes: list) ->
         nonlocal mapped_uids
         mapped_uids = {m.cntk_uid for m in cg_var.values()}
         want = {cg_var[i].cntk_uid for i in data_inputs}
-        cands = []
+        cands, direct = [], []
         for f in idx.funcs:
             if f.uid in claimed or (f.name and f.name in onnx_names) or len(f.outputs) != len(outs):
                 continue
@@ -590,11 +594,15 @@ def map_tensors(ref: _GraphFacts, cg: _GraphFacts, loaded: Any, cnodes: list) ->
             data_in = [i for i in dict.fromkeys(f.inputs) if i in idx.data]
             if not data_in:
                 continue
+            if set(data_in) == want:
+                direct.append(f)
             got: set[str] = set()
             for i in data_in:
                 got |= origin(i)
             if got == want:
                 cands.append(f)
+        if len(direct) == 1:  # reading the inputs themselves beats reading them through others
+            cands = direct
         if len(cands) == 1:
             f = cands[0]
             claimed.add(f.uid)
@@ -915,7 +923,7 @@ class _Pass:
                                for i in self.loaded.inputs if i.name in self.feeds}
             cnodes = self.worker.nodes(self.loaded)
             self.cidx = _CntkIndex(self.loaded, cnodes)
-            self.mapping = map_tensors(ref, self.cg, self.loaded, cnodes)
+            self.mapping = map_tensors(ref, self.cg, self.loaded, cnodes, self.cidx)
             self.timings["setup"] += time.perf_counter() - t0
             loc = self.scan()
         finally:
@@ -1291,6 +1299,9 @@ class _Pass:
         detail = "" if status == CONFIRMED else ("CNTK computes the node correctly alone: the error comes "
                                                  "from how it runs inside the graph (fusion, layout, "
                                                  "or an input the mapping did not see)")
+        if status != CONFIRMED and in_graph and culprit.budget is not None and max(in_graph) > culprit.budget:
+            detail += ("; the value read for it in the graph is not what CNTK computes for it alone: "
+                       "check the mapping of its output (JSON report, nodes[].mapping)")
         return Confirmation(status, err, culprit.budget, max(in_graph) if in_graph else None, detail)
 
 

@@ -61,6 +61,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("signature", None, "SavedModel signature to test (default: serving_default)", metavar="NAME"),
     Option("edge_values", False, "also generate zeros, range extremes, large and subnormal values", "bool"),
     Option("timeout", 600.0, "seconds one CNTK call may take before the worker is replaced", "float", "S"),
+    Option("layerwise", False, "localize every parity check layer by layer, not only failures "
+                               "(failures are always localized, within 120 s)", "bool"),
     Option("history", None, "SQLite run history (default: .tf2cntk/history.sqlite under the rootdir)",
            metavar="PATH"),
     Option("no_history", False, "do not record this run in the history", "bool"),
@@ -89,6 +91,7 @@ class Settings:
     signature: str | None = None
     edge_values: bool = False
     timeout: float = 600.0
+    layerwise: bool = False
     history: Path | None = None
     no_history: bool = False
     baseline: str = "latest"

@@ -27,6 +27,7 @@ STAGE_CNTK = "CNTK importer/runtime (ONNX -> CNTK)"
 STAGE_BOTH = "both converter and CNTK"
 DEFAULT_MAX_EXAMPLES = 20
 MAX_SHRINK_EVALS = 40  # real evaluations spent on shrinking a failure, then it is minimal enough
+LAYERWISE_TIME_BUDGET = 120.0  # seconds an automatic localization after a failure may take
 
 
 def scaled_error(m: Metrics) -> float:
@@ -108,6 +109,8 @@ class ParityResult:
     timings: dict[str, float] = field(default_factory=dict)
     seed: int | None = None
     versions: dict[str, str] = field(default_factory=dict)
+    localization: dict[str, Any] | None = None  # layerwise.Localization.to_json()
+    layer_rows: list[dict[str, Any]] = field(default_factory=list, repr=False)  # for the history
 
     @property
     def failing_outputs(self) -> list[OutputCheck]:
@@ -140,6 +143,11 @@ class ParityResult:
                              f"ORT vs CNTK {scaled_error(c.importer):.3g}]")
         if not self.passed and self.inputs:
             lines.append("input: " + "; ".join(f"{k}: {v}" for k, v in self.inputs.items()))
+        if self.localization:
+            lines.append(f"layerwise: {self.localization.get('summary', '')}")
+            table = self.localization.get("table")
+            if table:
+                lines.extend("  " + ln for ln in str(table).splitlines())
         if self.reproducer:
             lines.append(f"reproducer: {self.reproducer}\n  replay: tf2cntk replay {self.reproducer}")
         return "\n".join(lines)
@@ -149,7 +157,8 @@ class ParityResult:
                 "examples": self.examples, "seconds": self.seconds, "conversion": self.conversion,
                 "outputs": {k: v.to_json() for k, v in self.outputs.items()}, "inputs": self.inputs,
                 "input_domains": self.input_domains, "reproducer": self.reproducer,
-                "timings": self.timings, "seed": self.seed, "versions": self.versions}
+                "timings": self.timings, "seed": self.seed, "versions": self.versions,
+                "localization": self.localization}
 
 
 class _ExampleFailed(Exception):
@@ -245,10 +254,31 @@ class ParityEngine:
                 if name in ev.cntk:
                     c.importer = compare(ev.ort[name], ev.cntk[name])
 
+    def localize(self, result: ParityResult, feeds: dict[str, np.ndarray],
+                 time_budget_s: float | None) -> None:
+        """Attach the layerwise localization of ``feeds`` to ``result`` (never raises)."""
+        from .layerwise import localize
+
+        started = time.perf_counter()
+        try:
+            loc = localize(self.conversion, feeds, cntk_onnx=self.cntk_onnx, device=self.device,
+                           budgets=self.config, worker=self.cntk.worker, time_budget_s=time_budget_s,
+                           stop_at_culprit=not result.passed)
+        except Exception as exc:  # localization is a diagnosis: it must not hide the verdict
+            result.localization = {"summary": f"localization failed: {type(exc).__name__}: {exc}"}
+            return
+        result.localization = loc.to_json()
+        result.localization["table"] = loc.table(5)
+        result.layer_rows = loc.history_rows(result.model, result.device)
+        self.timings["layerwise"] = time.perf_counter() - started
+
     def run(self, max_examples: int = DEFAULT_MAX_EXAMPLES, seed: int | None = None,
             derandomize: bool = False, database: Any = None, edge_values: bool = False,
             allow_nonfinite: bool = False, reproducer_dir: str | os.PathLike | None = None,
-            progress: Callable[[int, int], None] | None = None) -> ParityResult:
+            progress: Callable[[int, int], None] | None = None,
+            layerwise: str = "on-failure") -> ParityResult:
+        """``layerwise``: "on-failure" (localize a failure within LAYERWISE_TIME_BUDGET),
+        "always" (also the worst passing example, no time limit) or "off"."""
         from hypothesis import HealthCheck, Phase, given, settings
         from hypothesis import seed as hyp_seed
 
@@ -333,6 +363,11 @@ class ParityEngine:
 
             result.reproducer = str(write_reproducer(result, failures[failed_key][1], reproducer_dir,
                                                      self.conversion, self.cntk_onnx))
+            if layerwise != "off":
+                self.localize(result, failures[failed_key][1].feeds, LAYERWISE_TIME_BUDGET
+                              if layerwise == "on-failure" else None)
+        elif layerwise == "always" and recipes:
+            self.localize(result, materialize(recipes, self.domains), None)
         return result
 
     def close(self) -> None:
@@ -372,7 +407,7 @@ def check_parity(model_path: str | os.PathLike, device: str = "cpu", max_example
                  allow_nonfinite: bool = False, signature: str | None = None, unsafe_load: bool = False,
                  cntk_python: str | None = None, cache_dir: str | os.PathLike | None = None,
                  cntk_onnx: str | os.PathLike | None = None, reproducer_dir: str | os.PathLike | None = None,
-                 database: Any = None, triage: str = "failures",
+                 database: Any = None, triage: str = "failures", layerwise: str = "on-failure",
                  conversion: Conversion | None = None) -> ParityResult:
     """Convert ``model_path`` and check CNTK against TensorFlow on Hypothesis-generated inputs.
 
@@ -380,6 +415,7 @@ def check_parity(model_path: str | os.PathLike, device: str = "cpu", max_example
     input names to (low, high) value ranges; ``cntk_onnx`` evaluates another ONNX file in CNTK
     (e.g. a hand-patched graph) while TF and ONNX Runtime use the converted one. With
     ``derandomize`` (default: when $CI is set) the examples are the same on every run.
+    ``layerwise``: "on-failure" (default), "always" or "off" (see ParityEngine.run).
     """
     if not isinstance(budgets, BudgetConfig):
         budgets = BudgetConfig.from_mapping(budgets, budget_scale)
@@ -393,6 +429,6 @@ def check_parity(model_path: str | os.PathLike, device: str = "cpu", max_example
                           str(cntk_onnx) if cntk_onnx else None, triage)
     try:
         return engine.run(max_examples, seed, derandomize, database, edge_values, allow_nonfinite,
-                          reproducer_dir)
+                          reproducer_dir, layerwise=layerwise)
     finally:
         engine.close()

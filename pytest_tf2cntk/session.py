@@ -176,12 +176,14 @@ class Tf2CntkSession:
         params: dict[str, Any] = dict(max_examples=s.max_examples, seed=s.seed, budgets=merged_budgets,
                                       budget_scale=s.budget_scale, inputs=ranges, edge_values=s.edge_values,
                                       cntk_python=s.cntk_python, conversion=conv, database=db,
-                                      reproducer_dir=self.rootdir / ".tf2cntk" / "reproducers")
+                                      reproducer_dir=self.rootdir / ".tf2cntk" / "reproducers",
+                                      layerwise="always" if s.layerwise else "on-failure")
         params.update(kwargs)
         result = check_parity(conv.source, device, **params)
         record = result.to_json()
         record["model"] = self._rel(Path(conv.source))
         self.results.append(record)
+        self.layerwise.extend(dict(row, model=record["model"]) for row in result.layer_rows)
         self._last = result
         drifted = self.judge_drift(result)
         if drifted and result.passed:

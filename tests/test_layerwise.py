@@ -293,6 +293,14 @@ def test_unnamed_node_is_unmapped_and_its_consumer_says_so(convs: dict[str, Conv
     consumer = next(n for n in loc.nodes if n.index == node.index + 1)
     assert consumer.inputs_from_ort == [relu.output[0]] and consumer.status == "ok"
     assert "from ONNX Runtime" in " ".join(consumer.notes)
+    # a fault in the unobservable node shows up in its consumer, which is blamed with a caution
+    relu.op_type = "LeakyRelu"
+    relu.attribute.append(helper.make_attribute("alpha", 0.01))
+    onnx.save(model, str(tmp_path / "unnamed_leaky.onnx"))
+    loc = localize(conv, feeds_for(conv), cntk_onnx=tmp_path / "unnamed_leaky.onnx")
+    assert loc.culprit is not None and loc.culprit.index == consumer.index, str(loc)
+    assert len(loc.suspects) == 2 and loc.suspects[0] == consumer.node
+    assert "caution: input(s)" in str(loc) and "the error may belong to an upstream node" in str(loc)
 
 
 PLANTED = [  # (fixture, kind, index among that kind's candidates)
@@ -326,11 +334,10 @@ def test_planted_faults_are_localized_to_the_mutated_node(convs: dict[str, Conve
 
 def test_mobilenetv2_clean_then_planted(mobilenet: Conversion, tmp_path: Path) -> None:
     feeds = feeds_for(mobilenet)
-    clean = localize(mobilenet, feeds, chunk=8)
+    clean = localize(mobilenet, feeds)
     assert clean.culprit is None, str(clean)
     assert clean.checked == clean.total and not clean.unmapped
-    mem = clean.memory
-    assert 0 < mem["peak_held_mb"] < mem["all_intermediates_mb"] / 2, mem  # streamed, not all at once
+    assert clean.memory["chunks"] >= 2 and clean.memory["peak_held_mb"] < clean.memory["all_intermediates_mb"]
     cands = fault_candidates(mobilenet.onnx_model, feeds)
     for kind, index in (("Clip max", 3), ("conv pads shift", 5), ("weight x1.001", 40)):
         fault = cands[kind][index]
@@ -339,6 +346,17 @@ def test_mobilenetv2_clean_then_planted(mobilenet: Conversion, tmp_path: Path) -
         assert loc.culprit is not None and loc.culprit.node == fault.node, f"{kind} at {fault.node}:\n{loc}"
         assert loc.confirmation.status == CONFIRMED, str(loc)
         assert loc.culprit.tf_layer.split(" ")[0] in fault.node
+
+
+def test_tensors_are_streamed_in_chunks_and_released(convs: dict[str, Conversion]) -> None:
+    conv = convs["cnn_bn"]
+    whole = localize(conv, feeds_for(conv), chunk=1000)
+    streamed = localize(conv, feeds_for(conv), chunk=1)
+    assert whole.memory["chunks"] == 1 and streamed.memory["chunks"] == whole.total == 14
+    # one node's tensors per side, plus what later nodes still read
+    assert streamed.memory["peak_held_mb"] < whole.memory["all_intermediates_mb"] / 3, streamed.memory
+    assert whole.memory["peak_held_mb"] == pytest.approx(whole.memory["all_intermediates_mb"], rel=0.05)
+    assert [n.local_error for n in streamed.nodes] == [n.local_error for n in whole.nodes]
 
 
 def test_real_cntk_bug_is_named_and_confirmed() -> None:

@@ -43,6 +43,14 @@ def test_planted_fault_is_caught_named_and_replayable(tmp_path: Path, planted_fa
     meta, groups = read_reproducer(result.reproducer)
     assert set(groups["input"]) == {"image"} and set(groups["tf"]) == {"logits"}
     assert meta["device"] == "cpu" and "cntk_onnx" in groups
+    # the failure was localized to the node that reads the mutated weight, and confirmed alone
+    import onnx
+
+    mutated_graph = onnx.load(str(mutated))
+    first_weight = next(t.name for t in mutated_graph.graph.initializer if len(t.dims) >= 2)
+    reader = next(n.name for n in mutated_graph.graph.node if first_weight in n.input)
+    assert result.localization["culprit"]["node"] == reader, text
+    assert f"layerwise: culprit {reader}" in text and "confirmed in isolation" in text
     replay = subprocess.run([str(Path(sys.executable).parent / "tf2cntk"), "replay", result.reproducer],
                             capture_output=True, text=True, timeout=300)
     assert replay.returncode == 1, replay.stderr
