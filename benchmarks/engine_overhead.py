@@ -182,11 +182,13 @@ def table(results: list[dict[str, Any]]) -> str:
     for r in results:
         m, o = r["median_ms"], r["overhead"]
         best = min(ri["seconds"] / ri["examples"] for ri in r["runs"]) * 1e3
-        ok = "OK" if o["run_robust"] < TARGET else "OVER"
+        # the target is for a real model; a 2 ms fixture measures the engine's fixed costs
+        target = "-" if r["model"] != "mobilenetv2_96" else \
+            f"<{TARGET:.0%} {'OK' if o['run_robust'] < TARGET else 'OVER'}"
         lines.append(f"| {r['model']} | {r['batch']} | {m['tf']:.2f} ms | {m['cntk']:.2f} ms | {m['raw_sum']:.2f} ms "
                      f"| {m['evaluate']:.2f} ms | {o['evaluate']:+.1%} | {m['run_per_example']:.2f} ms "
                      f"| {o['run']:+.1%} | {best:.2f} ms | {best / m['raw_sum'] - 1:+.1%} "
-                     f"| {m['run_per_example_robust']:.2f} ms | {o['run_robust']:+.1%} | <{TARGET:.0%} {ok} |")
+                     f"| {m['run_per_example_robust']:.2f} ms | {o['run_robust']:+.1%} | {target} |")
     lines += ["", "Run figures: `median run` = median over runs of run seconds / examples (what a user "
               "waits, CPU stolen by other processes included); `best run` = the fastest run; `robust` = "
               "median evaluate inside run x evaluations per example + the run's time outside evaluate "

@@ -191,7 +191,7 @@ def ensure_mpi_compat(compat_dir: Path, log: Callable[[str], None] = print) -> N
                 "CNTK needs OpenMPI (libmpi.so.40 and libmpi_cxx.so.40 from Debian/Ubuntu's "
                 "libopenmpi3), and it is not installed.",
                 hint=f"sudo {APT_FIX}   (then run `tf2cntk setup` again)")
-        log(f"installing libopenmpi3 with apt-get ...")
+        log("installing libopenmpi3 with apt-get ...")
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         for cmd in (["apt-get", "install", "-y", "-q", "libopenmpi3"],
                     ["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "libopenmpi3"]):

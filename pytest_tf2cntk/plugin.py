@@ -7,7 +7,6 @@ through ``workeroutput`` and the controller merges them into one summary and one
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterator
 
