@@ -408,7 +408,8 @@ def check_parity(model_path: str | os.PathLike, device: str = "cpu", max_example
                  cntk_python: str | None = None, cache_dir: str | os.PathLike | None = None,
                  cntk_onnx: str | os.PathLike | None = None, reproducer_dir: str | os.PathLike | None = None,
                  database: Any = None, triage: str = "failures", layerwise: str = "on-failure",
-                 conversion: Conversion | None = None) -> ParityResult:
+                 conversion: Conversion | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> ParityResult:
     """Convert ``model_path`` and check CNTK against TensorFlow on Hypothesis-generated inputs.
 
     ``budgets`` takes a BudgetConfig or the ``[tool.tf2cntk.budgets]`` mapping; ``inputs`` maps
@@ -429,6 +430,6 @@ def check_parity(model_path: str | os.PathLike, device: str = "cpu", max_example
                           str(cntk_onnx) if cntk_onnx else None, triage)
     try:
         return engine.run(max_examples, seed, derandomize, database, edge_values, allow_nonfinite,
-                          reproducer_dir, layerwise=layerwise)
+                          reproducer_dir, progress, layerwise=layerwise)
     finally:
         engine.close()

@@ -128,7 +128,7 @@ class ParityItem(_ModelItem):
         session = _session(self.config)
         conv = session.conversion(self.model_path, lambda m: session.progress(self.config, m))
         try:
-            result = session.parity(conv, self.device)  # raises ParityFailure on significant drift
+            result = session.parity(conv, self.device, config=self.config)  # raises on significant drift
             if not result.passed:
                 raise ParityFailure(str(result))
         except DeviceUnavailable as exc:

@@ -161,7 +161,8 @@ class Tf2CntkSession:
 
     # -- parity ---------------------------------------------------------------------------
     def parity(self, conv: Any, device: str, budgets: dict | None = None,
-               inputs: dict | None = None, **kwargs: Any) -> Any:
+               inputs: dict | None = None, config: Any = None, **kwargs: Any) -> Any:
+        """One parity check with the session's settings; ``config`` (pytest's) enables progress."""
         from .parity import check_parity
 
         s = self.settings
@@ -178,6 +179,8 @@ class Tf2CntkSession:
                                       cntk_python=s.cntk_python, conversion=conv, database=db,
                                       reproducer_dir=self.rootdir / ".tf2cntk" / "reproducers",
                                       layerwise="always" if s.layerwise else "on-failure")
+        if config is not None:
+            params["progress"] = self._example_progress(config, f"{self._rel(conv.source)} [{device}]")
         params.update(kwargs)
         result = check_parity(conv.source, device, **params)
         record = result.to_json()
@@ -222,6 +225,17 @@ class Tf2CntkSession:
             return
         with capman.global_and_fixture_disabled():
             reporter.write_line(f"tf2cntk: {msg}")
+
+    def _example_progress(self, config: Any, label: str) -> Callable[[int, int], None]:
+        """Report examples every few seconds when a check is slow (large models)."""
+        last = [time.perf_counter()]
+
+        def report(done: int, total: int) -> None:
+            now = time.perf_counter()
+            if now - last[0] >= 5.0:
+                last[0] = now
+                self.progress(config, f"{label}: {done}/{total} examples")
+        return report
 
     def _rel(self, path: Path) -> str:
         try:
