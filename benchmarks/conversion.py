@@ -25,8 +25,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,7 +78,7 @@ def timed_convert(path: Path, batch: int, cache_dir: Path) -> tuple[float, Any]:
     try:
         conv = convert(path, batch=batch, cache_dir=cache_dir)
         status: Any = conv
-    except Exception as exc:  # a fixture that cannot convert: the error is cached too
+    except Exception as exc:  # noqa: BLE001 (a fixture that cannot convert: its error is cached too)
         status = exc
     return time.perf_counter() - t0, status
 
@@ -121,7 +122,7 @@ def main() -> int:
                 if not isinstance(hit, Exception) and not hit.from_cache:
                     raise SystemExit(f"{name}: expected a cache hit")
             proc = subprocess.run([sys.executable, "-c", _HIT_SNIPPET, str(path), str(batch), str(cache)],
-                                  capture_output=True, text=True, cwd=str(ROOT), env=dict(os.environ))
+                                  capture_output=True, text=True, cwd=str(ROOT), env=dict(os.environ), check=False)
             try:
                 fresh = json.loads(proc.stdout.strip().splitlines()[-1])
             except (IndexError, ValueError):
@@ -146,10 +147,10 @@ def main() -> int:
             "seconds": time.perf_counter() - started, "imports": imports,
             "host": {"python": platform.python_version(), "cpus": os.cpu_count()},
             "cold_runs": n_cold, "hit_runs": n_hits, "results": rows}
-    lines = [f"# Conversion time ({data['date']}; median of {n_cold} cold, {n_hits} hits; "
-             f"TF import {imports['tensorflow_ms']:.0f} ms not included)", "",
-             "| model | batch | status | cold | cache hit | speedup | hit, new process (+ package import) "
-             "| new process imports TF |", "|---|---|---|---|---|---|---|---|"]
+    lines = [(f"# Conversion time ({data['date']}; median of {n_cold} cold, {n_hits} hits; "
+             f"TF import {imports['tensorflow_ms']:.0f} ms not included)"), "",
+             ("| model | batch | status | cold | cache hit | speedup | hit, new process (+ package import) "
+             "| new process imports TF |"), "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = r["hit_fresh_process"]
         fresh_txt = (f"{f['hit_ms']:.1f} ms (+{f['import_ms']:.0f} ms)" if "hit_ms" in f else "error")

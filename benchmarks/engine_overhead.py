@@ -31,18 +31,19 @@ import pstats
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from pytest_tf2cntk.conversion import convert  # noqa: E402
-from pytest_tf2cntk.inputs import InputRecipe, materialize  # noqa: E402
-from pytest_tf2cntk.parity import ParityEngine  # noqa: E402
+from pytest_tf2cntk.conversion import convert
+from pytest_tf2cntk.inputs import InputRecipe, materialize
+from pytest_tf2cntk.parity import ParityEngine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 0.15
@@ -123,9 +124,9 @@ def measure(name: str, path: Path, batch: int, reps: int, run_examples: int,
         for r in range(reps):
             for i, (f, cf) in enumerate(zip(feeds_list, cntk_feeds)):
                 # rotate the order so no path always runs right after another one
-                steps = [lambda: t_tf.append(timed(lambda: conv.tf_model.run(f))),
-                         lambda: t_cntk.append(timed(lambda: worker.eval(loaded, cf))),
-                         lambda: t_eval.append(timed(lambda: original(f)))]
+                steps = [lambda f=f: t_tf.append(timed(lambda: conv.tf_model.run(f))),
+                         lambda cf=cf: t_cntk.append(timed(lambda: worker.eval(loaded, cf))),
+                         lambda f=f: t_eval.append(timed(lambda: original(f)))]
                 for s in steps[(r + i) % 3:] + steps[:(r + i) % 3]:
                     s()
             before = dict(engine.timings)
@@ -176,8 +177,8 @@ def measure(name: str, path: Path, batch: int, reps: int, run_examples: int,
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    lines = ["| model | batch | raw TF | raw CNTK | raw sum | engine.evaluate | overhead | run / example "
-             "(median run) | overhead | (best run) | overhead | (robust) | overhead | target |",
+    lines = [("| model | batch | raw TF | raw CNTK | raw sum | engine.evaluate | overhead | run / example "
+             "(median run) | overhead | (best run) | overhead | (robust) | overhead | target |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         m, o = r["median_ms"], r["overhead"]
@@ -189,12 +190,12 @@ def table(results: list[dict[str, Any]]) -> str:
                      f"| {m['evaluate']:.2f} ms | {o['evaluate']:+.1%} | {m['run_per_example']:.2f} ms "
                      f"| {o['run']:+.1%} | {best:.2f} ms | {best / m['raw_sum'] - 1:+.1%} "
                      f"| {m['run_per_example_robust']:.2f} ms | {o['run_robust']:+.1%} | {target} |")
-    lines += ["", "Run figures: `median run` = median over runs of run seconds / examples (what a user "
+    lines += ["", ("Run figures: `median run` = median over runs of run seconds / examples (what a user "
               "waits, CPU stolen by other processes included); `best run` = the fastest run; `robust` = "
               "median evaluate inside run x evaluations per example + the run's time outside evaluate "
-              "per example. The target is judged on `robust`.", "",
-              "Where a run's time goes (ms per example, engine timers; `cntk` = wait for CNTK after TF "
-              "finished; `other` = Hypothesis, verdict bookkeeping, report, version probe):", "",
+              "per example. The target is judged on `robust`."), "",
+              ("Where a run's time goes (ms per example, engine timers; `cntk` = wait for CNTK after TF "
+              "finished; `other` = Hypothesis, verdict bookkeeping, report, version probe):"), "",
               "| model | evaluations / example | tf | cntk | ort | compare | inputs | other | total |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in results:

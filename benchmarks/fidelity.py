@@ -40,23 +40,24 @@ import sys
 import tempfile
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests.zoo builds the keras.applications models
 
-import numpy as np  # noqa: E402
-import onnx  # noqa: E402
-from onnx import helper, numpy_helper  # noqa: E402
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
 
-from pytest_tf2cntk import budgets as budgets_mod  # noqa: E402
-from pytest_tf2cntk import onnx_graph as og  # noqa: E402
-from pytest_tf2cntk.conversion import Conversion, convert  # noqa: E402
-from pytest_tf2cntk.inputs import InputRecipe, materialize  # noqa: E402
-from pytest_tf2cntk.parity import STAGE_CNTK, Evaluation, ParityEngine  # noqa: E402
+from pytest_tf2cntk import budgets as budgets_mod
+from pytest_tf2cntk import onnx_graph as og
+from pytest_tf2cntk.conversion import Conversion, convert
+from pytest_tf2cntk.inputs import InputRecipe, materialize
+from pytest_tf2cntk.parity import STAGE_CNTK, Evaluation, ParityEngine
 
 FIXTURES = ROOT / "fixtures"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -174,6 +175,7 @@ def calibrated_model(name: str) -> Path:
     to its input the way a trained one does. Built once into .tf2cntk/bench-models (gitignored).
     """
     from filelock import FileLock
+
     from tests.zoo import application_model
 
     out = ROOT / ".tf2cntk" / "bench-models" / f"{name}_cal.keras"
@@ -458,7 +460,7 @@ def run_mutation(spec: ModelSpec, conv: Conversion, mut: Mutation, index: int, s
     mut.apply(model)
     try:
         onnx.checker.check_model(model)
-    except Exception as exc:  # a bug in the mutation itself: not counted
+    except Exception as exc:  # noqa: BLE001 (a bug in the mutation itself: not counted)
         rec.update(status="invalid", message=str(exc).splitlines()[0])
         return rec
     path = tmp / f"{spec.name}-mut{index}.onnx"
@@ -467,14 +469,14 @@ def run_mutation(spec: ModelSpec, conv: Conversion, mut: Mutation, index: int, s
     try:
         try:
             engine = ParityEngine(conv, cntk_onnx=str(path))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (whatever CNTK says, it refused the graph)
             rec.update(status="refused at load", message=f"{type(exc).__name__}: "
                        f"{str(exc).splitlines()[0] if str(exc) else ''}"[:300])
             return rec
         try:
             res = engine.run(max_examples=examples, seed=seed, reproducer_dir=tmp / "repro", layerwise="off")
             fixed = evaluate_fixed(engine, feeds)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (recorded, not detected)
             rec.update(status="error at eval", message=f"{type(exc).__name__}: {str(exc)[:300]}")
             return rec
         finally:
@@ -537,7 +539,7 @@ def engine_version() -> dict[str, Any]:
     def git(*args: str) -> str:
         try:
             return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
-                                  timeout=30).stdout.strip()
+                                  timeout=30, check=False).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
@@ -555,23 +557,23 @@ def pct(k: int, n: int) -> str:
 def markdown(data: dict[str, Any]) -> str:
     cfg = data["config"]
     ver = data.get("engine", {})
-    lines = [f"# Fidelity ({'quick' if cfg['quick'] else 'full'} run, {data['date']}, "
-             f"{data['seconds'] / 60:.1f} min)", "",
-             f"Engine at commit {ver.get('commit', '?')}"
+    lines = [(f"# Fidelity ({'quick' if cfg['quick'] else 'full'} run, {data['date']}, "
+             f"{data['seconds'] / 60:.1f} min)"), "",
+             (f"Engine at commit {ver.get('commit', '?')}"
              f"{' with local edits in pytest_tf2cntk/' if ver.get('package_modified') else ''} "
-             f"(budgets.py {ver.get('budgets.py_sha256', '?')}).", "",
-             f"Budget headroom {cfg['headroom']:g} (budgets.DEFAULT_HEADROOM). False alarms: "
+             f"(budgets.py {ver.get('budgets.py_sha256', '?')})."), "",
+             (f"Budget headroom {cfg['headroom']:g} (budgets.DEFAULT_HEADROOM). False alarms: "
              f"{len(cfg['seeds'])} Hypothesis seeds x {cfg['examples']} examples per model. Detection: "
              f"up to {cfg['targets']} targets per mutation kind per distinct graph, engine run of "
              f"{cfg['det_examples']} examples, reference rules on {cfg['fixed']} fixed inputs "
-             "(uniform/normal over the whole input domain).", "",
+             "(uniform/normal over the whole input domain)."), "",
              "## False alarms on correct conversions", "",
-             "A run (model, seed) counts as a false alarm if any of its examples is flagged; the "
+             ("A run (model, seed) counts as a false alarm if any of its examples is flagged; the "
              "reference rules judge exactly the TF/CNTK output pairs the engine produced. "
              "`err/(B/H)` is the worst observed scaled error divided by the budget before headroom "
-             "(B / headroom): below 1 means the un-padded composed budget alone would have held.", "",
-             "| model | batch | runs | examples | engine | Polygraphy | torch fp32 | tf2onnx | worst output "
-             "| max scaled err | budget B | min headroom | err/(B/H) | max abs err |",
+             "(B / headroom): below 1 means the un-padded composed budget alone would have held."), "",
+             ("| model | batch | runs | examples | engine | Polygraphy | torch fp32 | tf2onnx | worst output "
+             "| max scaled err | budget B | min headroom | err/(B/H) | max abs err |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     tot = {r: 0 for r in ("engine",) + RULES}
     nruns = 0
@@ -589,14 +591,14 @@ def markdown(data: dict[str, Any]) -> str:
                  + " | ".join(f"**{tot[r]}**" for r in ("engine",) + RULES) + " | | | | | | |")
     recs = [r for r in data["mutations"] if r["status"] == "ok"]
     lines += ["", "## Detection of planted CNTK-side bugs", "",
-              "`engine` = the engine's own Hypothesis run (`check_parity(..., cntk_onnx=mutated)`); "
+              ("`engine` = the engine's own Hypothesis run (`check_parity(..., cntk_onnx=mutated)`); "
               "the other columns judge TF vs mutated CNTK on the same fixed inputs: `engine rule` is "
               "scaled error <= budget, then the three reference rules. `inert` = the mutation did "
               "not change CNTK's output at all on the fixed inputs (no rule can see it there); "
-              "`refused` = CNTK would not load or evaluate the mutated graph (not counted as detected).",
+              "`refused` = CNTK would not load or evaluate the mutated graph (not counted as detected)."),
               "",
-              "| mutation | n | refused | inert | engine | engine rule | Polygraphy | torch fp32 | tf2onnx "
-              "| attribution CNTK |", "|---|---|---|---|---|---|---|---|---|---|"]
+              ("| mutation | n | refused | inert | engine | engine rule | Polygraphy | torch fp32 | tf2onnx "
+              "| attribution CNTK |"), "|---|---|---|---|---|---|---|---|---|---|"]
 
     def row(label: str, sel: list[dict], refused: int) -> str:
         n = len(sel)
@@ -616,10 +618,10 @@ def markdown(data: dict[str, Any]) -> str:
     lines.append(row("overall, non-inert", eff, 0))
     fa_runs = {fa["model"]: fa for fa in data["false_alarms"]}
     lines += ["", "### Per model", "",
-              "`false alarms` repeats the engine / Polygraphy false-alarm runs of the unmutated model: "
-              "a rule that already fails the correct conversion \"detects\" every mutation for free.", "",
-              "| model | n | inert | engine | engine rule | Polygraphy | torch fp32 | tf2onnx | weight 1e-4: engine "
-              "| weight 1e-4: Polygraphy / torch / tf2onnx | false alarms (engine / Polygraphy) |",
+              ("`false alarms` repeats the engine / Polygraphy false-alarm runs of the unmutated model: "
+              "a rule that already fails the correct conversion \"detects\" every mutation for free."), "",
+              ("| model | n | inert | engine | engine rule | Polygraphy | torch fp32 | tf2onnx | weight 1e-4: engine "
+              "| weight 1e-4: Polygraphy / torch / tf2onnx | false alarms (engine / Polygraphy) |"),
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for model in dict.fromkeys(r["model"] for r in data["mutations"]):
         sel = [r for r in recs if r["model"] == model]
@@ -636,9 +638,9 @@ def markdown(data: dict[str, Any]) -> str:
     missed = [r for r in recs if not r["engine"]["detected"] and not r["fixed"]["inert"]]
     if missed:
         lines += ["", "### Effective mutations the engine missed", "",
-                  "`effect` = max|CNTK mutated - CNTK original| / rms(TF) on the fixed inputs (largest over "
+                  ("`effect` = max|CNTK mutated - CNTK original| / rms(TF) on the fixed inputs (largest over "
                   "outputs), to set against the budget (largest over outputs). `caught by` = rules that "
-                  "flagged it on the fixed inputs (the engine's own run used Hypothesis inputs).", "",
+                  "flagged it on the fixed inputs (the engine's own run used Hypothesis inputs)."), "",
                   "| model | mutation | effect | budget | effect / budget | caught by |",
                   "|---|---|---|---|---|---|"]
         for r in missed:
@@ -658,8 +660,8 @@ def markdown(data: dict[str, Any]) -> str:
             lines.append(f"- {r['model']}: {r['detail']} -> {r['status']}: {r.get('message', '')[:160]}")
     if data["known_bad"]:
         lines += ["", "## Known-bad fixtures (real CNTK bugs)", "",
-                  "| model | batch | engine | stage | scaled err / budget | engine rule | Polygraphy | "
-                  "torch fp32 | tf2onnx |", "|---|---|---|---|---|---|---|---|---|"]
+                  ("| model | batch | engine | stage | scaled err / budget | engine rule | Polygraphy | "
+                  "torch fp32 | tf2onnx |"), "|---|---|---|---|---|---|---|---|---|"]
         for kb in data["known_bad"]:
             o = max(kb["scaled_error"], key=lambda k: kb["scaled_error"][k])
             lines.append(f"| {kb['model']} | {kb['batch']} | {'caught' if kb['engine_detected'] else 'MISSED'} "
