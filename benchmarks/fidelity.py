@@ -69,6 +69,12 @@ KINDS = ("weight 1e-2", "weight 1e-3", "weight 1e-4", "bias shift", "activation 
          "transpose swap", "drop node")
 
 
+def zoo_calibrated(name: str) -> Path:
+    from tests.zoo import calibrated_model
+
+    return calibrated_model(name)
+
+
 def log(msg: str) -> None:
     print(f"[fidelity {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -158,53 +164,10 @@ def model_specs() -> list[ModelSpec]:
         return get
 
     specs.append(ModelSpec("mobilenetv2_96", zoo("mobilenetv2_96"), 1))
-    specs.append(ModelSpec("mobilenetv2_96_cal", lambda: calibrated_model("mobilenetv2_96"), 1))
+    specs.append(ModelSpec("mobilenetv2_96_cal", lambda: zoo_calibrated("mobilenetv2_96"), 1))
     specs.append(ModelSpec("resnet50_64", zoo("resnet50_64"), 1, full_only=True))
-    specs.append(ModelSpec("resnet50_64_cal", lambda: calibrated_model("resnet50_64"), 1, full_only=True))
+    specs.append(ModelSpec("resnet50_64_cal", lambda: zoo_calibrated("resnet50_64"), 1, full_only=True))
     return specs
-
-
-def calibrated_model(name: str) -> Path:
-    """The zoo model with BatchNorm statistics calibrated so activations stay O(1).
-
-    keras.applications with weights=None has BN as identity (mean 0, var 1, gamma 1, beta 0); in
-    MobileNetV2 the activations then shrink ~10x per block and the softmax output is exactly 0.1
-    for every input (constant: no bug below it can show). Here each BN's moving mean/variance are
-    set, layer by layer, to the statistics of its input on 16 uniform [-1, 1] images, gamma and
-    beta are drawn at random (seeded) and the classifier gets a random bias: the model responds
-    to its input the way a trained one does. Built once into .tf2cntk/bench-models (gitignored).
-    """
-    from filelock import FileLock
-
-    from tests.zoo import application_model
-
-    out = ROOT / ".tf2cntk" / "bench-models" / f"{name}_cal.keras"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out) + ".lock"):
-        if out.exists():
-            return out
-        import keras
-
-        log(f"building {out.name} (BN calibration, once)")
-        model = keras.models.load_model(application_model(name))
-        rng = np.random.default_rng(4321)
-        x = rng.uniform(-1, 1, (16,) + tuple(model.input.shape[1:])).astype(np.float32)
-        for layer in model.layers:
-            if isinstance(layer, keras.layers.BatchNormalization):
-                feats = np.asarray(keras.Model(model.input, layer.input)(x, training=False), np.float64)
-                axes = tuple(range(feats.ndim - 1))
-                mean, var = feats.mean(axis=axes), feats.var(axis=axes) + 1e-6
-                c = mean.shape[0]
-                gamma = rng.uniform(0.5, 1.5, c)
-                beta = rng.uniform(-0.25, 0.25, c)
-                layer.set_weights([w.astype(np.float32) for w in (gamma, beta, mean, var)])
-        dense = model.layers[-1]
-        kernel, bias = dense.get_weights()
-        dense.set_weights([kernel, rng.normal(0, 0.1, bias.shape).astype(np.float32)])
-        tmp = out.with_suffix(".tmp.keras")
-        model.save(tmp)
-        os.replace(tmp, out)
-    return out
 
 
 def graph_fingerprint(model: onnx.ModelProto) -> str:

@@ -25,6 +25,7 @@ STAGE_OK = "none"
 STAGE_CONVERTER = "converter (TF -> ONNX, tf2onnx)"
 STAGE_CNTK = "CNTK importer/runtime (ONNX -> CNTK)"
 STAGE_BOTH = "both converter and CNTK"
+STAGE_COMBINED = "undetermined: converter and CNTK errors add up, neither alone exceeds the budget"
 DEFAULT_MAX_EXAMPLES = 20
 MAX_SHRINK_EVALS = 40  # real evaluations spent on shrinking a failure, then it is minimal enough
 LAYERWISE_TIME_BUDGET = 120.0  # seconds an automatic localization after a failure may take
@@ -84,6 +85,8 @@ class OutputCheck:
             or not self.importer.dtype_ok or not self.importer.shape_ok
         if conv_bad and cntk_bad:
             return STAGE_BOTH
+        if not conv_bad and not cntk_bad:
+            return STAGE_COMBINED
         return STAGE_CONVERTER if conv_bad else STAGE_CNTK
 
     def to_json(self) -> dict[str, Any]:
@@ -337,6 +340,14 @@ class ParityEngine:
                 test()
             except _ExampleFailed as exc:
                 failed_key = exc.key
+        if failed_key is None:
+            # plain uniform noise over each whole domain, the input most conversion bugs show on,
+            # whatever the generated examples explored (after them, so their failures still shrink)
+            full_range = {name: InputRecipe("uniform", 0, 0.0, 1.0, "none", 0.0) for name in self.domains}
+            key = key_of(full_range)
+            if key not in failures:
+                evaluate(key, full_range)
+            failed_key = key if key in failures else None
         if failed_key is not None:
             recipes, ev = failures[failed_key]
             checks = ev.checks
