@@ -114,3 +114,17 @@ def test_result_json_is_complete() -> None:
     assert probs["tf_vs_cntk"]["top1_agreement"] == 1.0
     assert data["versions"]["cntk"].startswith("2.7")
     assert data["input_domains"]["image"]["low"] == -1.0  # default float range
+
+
+def test_realistic_mobilenet_passes_and_a_planted_fault_is_caught(tmp_path: Path, planted_fault) -> None:
+    """MobileNetV2 with calibrated BatchNorm statistics (activations O(1), like a trained net):
+    no false alarm on the correct conversion, a 1% weight error in CNTK's graph is caught."""
+    from .zoo import calibrated_model
+
+    path = calibrated_model("mobilenetv2_96")
+    ok = check_parity(path, "cpu", 4, batch=1, seed=0, reproducer_dir=tmp_path, layerwise="off")
+    assert ok.passed, str(ok)
+    conv = convert(path, batch=1)
+    bad = check_parity(path, "cpu", 4, batch=1, seed=0, reproducer_dir=tmp_path, layerwise="off",
+                       cntk_onnx=planted_fault(conv.onnx_path, 1.01))
+    assert not bad.passed and bad.outputs["predictions"].stage == STAGE_CNTK
