@@ -39,10 +39,13 @@ demo: setup
 	@$(PY) -m pytest -p no:cacheprovider fixtures $(foreach m,$(DEMO_MODELS),--tf2cntk-model=$(m)) \
 	  --tf2cntk-report=.tf2cntk/demo-report.json -v
 
+# One at a time: they measure ratios side by side and 2 cores leave no room for neighbours.
 bench: setup
-	$(PY) benchmarks/worker_roundtrip.py
+	$(PY) benchmarks/worker_roundtrip.py --json benchmarks/results/worker_roundtrip.json
 	$(PY) benchmarks/conversion.py
 	$(PY) benchmarks/engine_overhead.py
+	$(PY) benchmarks/history.py
+	$(PY) benchmarks/layerwise.py --quick
 	$(PY) benchmarks/fidelity.py --quick
 
 fixtures: host
