@@ -69,6 +69,12 @@ KINDS = ("weight 1e-2", "weight 1e-3", "weight 1e-4", "bias shift", "activation 
          "transpose swap", "drop node")
 
 
+def pad_shifts(pads: list[int], first_spatial: int = 0) -> list[list[int]]:
+    from tests.faults import pad_shifts as shifts
+
+    return shifts(pads, first_spatial)
+
+
 def zoo_calibrated(name: str) -> Path:
     from tests.zoo import calibrated_model
 
@@ -287,16 +293,8 @@ def candidates(model: onnx.ModelProto) -> dict[str, list[Mutation]]:
             pads = og.attr(node, "pads", None)
             if pads:
                 pads = list(pads)
-                half = len(pads) // 2
                 first_spatial = 2 if node.op_type == "Pad" else 0
-                for ax in range(first_spatial, half):
-                    new = list(pads)
-                    if pads[half + ax] > 0:
-                        new[ax], new[half + ax] = pads[ax] + 1, pads[half + ax] - 1
-                    elif pads[ax] > 0:
-                        new[ax], new[half + ax] = pads[ax] - 1, pads[half + ax] + 1
-                    else:
-                        continue
+                for new in pad_shifts(pads, first_spatial):
                     out["pad shift"].append(Mutation(
                         "pad shift", name, f"{node.op_type} pads {pads} -> {new}",
                         lambda m, n=name, p=new: _set_attr(_node_by_name(m, n), "pads", p)))

@@ -28,6 +28,7 @@ from pytest_tf2cntk.layerwise import (CONFIRMED, STATUS_NOT_REACHED, Localizatio
 from pytest_tf2cntk.metrics import compare
 
 from .conftest import FIXTURES
+from .faults import pad_shifts
 
 # ------------------------------------------------------------------------------------------------
 # planted faults (also used by benchmarks/layerwise.py)
@@ -154,15 +155,7 @@ def fault_candidates(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> di
             pads = list(og.attr(node, "pads", []) or [])
             kernel = list(og.attr(node, "kernel_shape", []) or [])
             strides = list(og.attr(node, "strides", [1] * len(kernel)) or [])
-            half = len(pads) // 2
-            for ax in range(half):  # move one pad from the end to the start (or back): same shape
-                new = list(pads)
-                if pads[half + ax] > 0:
-                    new[ax], new[half + ax] = pads[ax] + 1, pads[half + ax] - 1
-                elif pads[ax] > 0:
-                    new[ax], new[half + ax] = pads[ax] - 1, pads[half + ax] + 1
-                else:
-                    continue
+            for new in pad_shifts(pads):  # one pad moved from the end to the start: same shape
                 out["conv pads shift"].append(Fault("conv pads shift", name, f"pads {pads} -> {new}",
                                                     lambda m, n=name, p=new: _set_attr(_node(m, n), "pads", p)))
             if kernel and all(s == 1 for s in strides) and any(k > 1 and k % 2 for k in kernel):
