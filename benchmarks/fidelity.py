@@ -228,11 +228,9 @@ def _set_input_value(model: onnx.ModelProto, node_name: str, index: int, fn: Cal
 
 
 def _set_attr(node: onnx.NodeProto, name: str, value: Any) -> None:
-    for i, a in enumerate(node.attribute):
-        if a.name == name:
-            del node.attribute[i]
-            break
-    node.attribute.append(helper.make_attribute(name, value))
+    from tests.faults import set_attr
+
+    set_attr(node, name, value)
 
 
 def _float_init(inits: dict, name: str, min_rank: int = 0) -> bool:

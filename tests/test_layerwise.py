@@ -13,7 +13,7 @@ import json
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -29,6 +29,7 @@ from pytest_tf2cntk.metrics import compare
 
 from .conftest import FIXTURES
 from .faults import pad_shifts
+from .faults import set_attr as _set_attr
 
 # ------------------------------------------------------------------------------------------------
 # planted faults (also used by benchmarks/layerwise.py)
@@ -54,14 +55,6 @@ class Fault:
 
 def _node(model: onnx.ModelProto, name: str) -> onnx.NodeProto:
     return next(n for n in model.graph.node if n.name == name)
-
-
-def _set_attr(node: onnx.NodeProto, name: str, value: Any) -> None:
-    for i, a in enumerate(node.attribute):
-        if a.name == name:
-            del node.attribute[i]
-            break
-    node.attribute.append(helper.make_attribute(name, value))
 
 
 def _set_const(model: onnx.ModelProto, node_name: str, index: int, fn: Callable[[np.ndarray], np.ndarray]) -> None:
