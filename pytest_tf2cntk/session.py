@@ -99,7 +99,7 @@ class Tf2CntkSession:
         self.judge = drift.DriftJudge(self.settings.history, self.settings.baseline,
                                       self.settings.fail_on_drift or drift.DEFAULT_FACTOR)
 
-    def judge_drift(self, result: Any) -> list[str]:
+    def judge_drift(self) -> list[str]:
         """Attach drift verdicts to the last result; the messages of significant drift when
         --tf2cntk-fail-on-drift is set (they fail the item)."""
         if self.judge is None or not self.results:
@@ -188,7 +188,7 @@ class Tf2CntkSession:
         self.results.append(record)
         self.layerwise.extend(dict(row, model=record["model"]) for row in result.layer_rows)
         self._last = result
-        drifted = self.judge_drift(result)
+        drifted = self.judge_drift()
         if drifted and result.passed:
             from .errors import ParityFailure
 
