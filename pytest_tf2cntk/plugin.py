@@ -86,7 +86,17 @@ class ModelCollector(pytest.File):
         session = _session(self.config)
         yield ConvertItem.from_parent(self, name="convert")
         for device in sorted(session.settings.devices):
-            yield ParityItem.from_parent(self, name=f"parity[{device}]", device=device)
+            yield ParityItem.from_parent(self, name=f"parity[{device}]", device=device,
+                                         nodeid=_param_id(self, "parity", device))
+
+
+def _param_id(parent: pytest.Collector, base: str, param: str) -> Any:
+    """pytest >= 9 keeps structured node ids and matches --lf on them: give "parity[cpu]" its
+    params like a parametrized function's; older pytest derives the string id itself."""
+    parent_id = getattr(parent, "id", None)
+    if parent_id is None or not hasattr(parent_id, "with_params"):
+        return None
+    return parent_id.child(base).with_params(param)
 
 
 class _ModelItem(pytest.Item):

@@ -195,3 +195,14 @@ def test_history_records_runs_and_drift_fails_within_budget(project: pytest.Pyte
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*tf2cntk parity PASSED*", "*error drift beyond --tf2cntk-fail-on-drift=3:*",
                                  "*probs*"])
+
+
+def test_last_failed_and_exitfirst_select_model_items(project: pytest.Pytester) -> None:
+    args = ("--tf2cntk-model=mlp.keras", "--tf2cntk-model=quantized.keras", "--tf2cntk-devices=cpu",
+            "--tf2cntk-max-examples=3", "--tf2cntk-no-history")
+    project.runpytest_subprocess(*args).assert_outcomes(passed=3, failed=1)
+    again = project.runpytest_subprocess(*args, "--lf", "-v")
+    assert again.parseoutcomes().get("failed") == 1 and "passed" not in again.parseoutcomes()
+    again.stdout.fnmatch_lines(["quantized.keras::parity?cpu? FAILED*"])
+    first = project.runpytest_subprocess(*args, "-x", "-p", "no:cacheprovider")
+    first.assert_outcomes(passed=3, failed=1)  # mlp's items sort first; -x stops after the failure
