@@ -24,6 +24,7 @@ Requests (header ``op``), every reply echoes ``id`` and ``op`` and carries ``ok`
 Errors: ``ok: false``, ``type`` ("ProtocolError", "CNTKError", "DeviceUnavailable",
 "InternalError"), ``message`` (first line first), ``detail`` (native call stack, traceback).
 """
+import collections
 import io
 import mmap
 import os
@@ -45,6 +46,7 @@ import numpy as np
 cntk = None  # imported by _import_cntk once stdio is protected
 
 EXIT_IMPORT_FAILED = 3
+MAX_COMBOS = 2  # compiled output combinations kept per model
 
 
 class RequestError(Exception):
@@ -280,7 +282,9 @@ class Model(object):
         self.notes = notes
         self.inputs = []   # [(onnx name, Variable, how matched)]
         self.outputs = []
-        self.combos = {}   # tuple of requested names -> (combined function, index per name)
+        # tuple of requested names -> (combined function, index per name); least recently used
+        # first, bounded: layerwise passes ask for many different combinations once each
+        self.combos = collections.OrderedDict()
         self._index = None
         self._map_inputs()
         self.input_by_name = dict((n, v) for n, v, _ in self.inputs)
@@ -436,7 +440,9 @@ class Model(object):
     def combo(self, names):
         key = tuple(names)
         hit = self.combos.get(key)
-        if hit is None:
+        if hit is not None:
+            self.combos.move_to_end(key)
+        else:
             variables = []
             slot = {}
             for name in names:
@@ -447,6 +453,8 @@ class Model(object):
             combined = _cntk_call(cntk.combine, variables)
             hit = (combined, [slot[self.resolve(n).uid] for n in names])
             self.combos[key] = hit
+            while len(self.combos) > MAX_COMBOS:
+                self.combos.popitem(last=False)  # frees CNTK's compiled graph for it
         return hit
 
     def feed(self, arrays):
