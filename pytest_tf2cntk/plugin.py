@@ -26,7 +26,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", f"{MARKER}(model=None, budgets=None, inputs=None, devices=None): "
+    config.addinivalue_line("markers", f"{MARKER}(model=None, budgets=None, inputs=None): "
                                        "configure pytest-tf2cntk for this test")
     rootdir = Path(str(config.rootpath))
     try:
@@ -40,10 +40,11 @@ def pytest_configure(config: pytest.Config) -> None:
     session = Tf2CntkSession(settings, rootdir, worker_id=_worker_id(config))
     from .errors import HistoryError
 
-    try:
-        session.open_history()
-    except HistoryError as exc:
-        raise pytest.UsageError(f"pytest-tf2cntk: {exc}") from None
+    if settings.models:  # a bad history file stops the run at once; otherwise opened on first use
+        try:
+            session.open_history()
+        except HistoryError as exc:
+            raise pytest.UsageError(f"pytest-tf2cntk: {exc}") from None
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(_Reporting(session, config), "tf2cntk-reporting")
     # model paths are collected like test files: add those not already under an argument

@@ -84,13 +84,15 @@ class Tf2CntkSession:
     _loaded: dict[tuple[str, str], Any] = field(default_factory=dict)
     _last: Any = None  # the last ParityResult, for the item's JUnit properties
     started: float = field(default_factory=time.time)
-    judge: Any = None  # drift.DriftJudge when the history is on
+    judge: Any = None  # drift.DriftJudge once the history is open
     layerwise: list[dict[str, Any]] = field(default_factory=list)  # per-op rows for the history
 
     # -- history and drift ----------------------------------------------------------------
     def open_history(self) -> None:
-        """Create/migrate the history (controller only) and read the baselines for drift."""
-        if self.settings.no_history:
+        """Create/migrate the history (controller only) and read the baselines for drift.
+        Called at start-up when models are configured, else by the first parity check, so a
+        project that has the plugin installed but does not use it gets no history file."""
+        if self.settings.no_history or self.judge is not None:
             return
         from . import drift, history
 
@@ -166,6 +168,7 @@ class Tf2CntkSession:
         from .parity import check_parity
 
         s = self.settings
+        self.open_history()
         self.worker()  # the shared worker, with this session's timeout
         merged_budgets = {**s.budgets, **(budgets or {})}
         ranges = {**s.inputs, **(inputs or {})}
