@@ -168,8 +168,15 @@ def _retrying(path: Path, op: Callable[[], T]) -> T:
 
 def _identify(path: Path, con: sqlite3.Connection) -> int | None:
     """Schema version of our file, None for a new empty one; HistoryError for anything else."""
-    app_id = con.execute("PRAGMA application_id").fetchone()[0]
-    tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+    own = not con.in_transaction
+    if own:  # one snapshot: another process may commit the schema between the two reads
+        con.execute("BEGIN")
+    try:
+        app_id = con.execute("PRAGMA application_id").fetchone()[0]
+        tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+    finally:
+        if own:
+            con.execute("COMMIT")
     if app_id == 0 and not tables:
         return None
     if app_id != APPLICATION_ID or SCHEMA_TABLE not in tables:
