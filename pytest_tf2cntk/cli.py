@@ -160,8 +160,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from .parity import check_parity
 
-    result = None
-    for device in args.device:
+    for device in args.device or ["cpu"]:  # argparse's append would add to a list default
         result = check_parity(args.model, device, args.max_examples, batch=args.batch, opset=args.opset,
                               seed=args.seed, signature=args.signature, unsafe_load=args.unsafe_load,
                               cntk_python=args.cntk_python, cache_dir=args.cache_dir,
@@ -243,8 +242,6 @@ def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "device", None) is None and args.command == "check":
-        args.device = ["cpu"]
     try:
         return int(args.func(args) or 0)
     except Tf2CntkError as exc:

@@ -39,6 +39,17 @@ def package_versions(names: tuple[str, ...] = _VERSIONED) -> dict[str, str]:
     return out
 
 
+HOST_PACKAGES = ("tensorflow", "tensorflow-cpu", "keras", "tf2onnx", "onnx", "onnxruntime", "numpy",
+                 "hypothesis")
+
+
+def host_versions() -> dict[str, str]:
+    """Versions of the host side for reports and the history: packages and Python."""
+    import platform
+
+    return {**package_versions(HOST_PACKAGES), "python": platform.python_version()}
+
+
 def hash_model_files(path: Path) -> str:
     h = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]

@@ -302,13 +302,9 @@ def run_info(cwd: str | Path | None, *, options: dict[str, Any] | None = None,
     Versions are the host's installed packages, overlaid with what a parity result measured
     (that is where the CNTK side's cntk/numpy/python come from: the worker reports them).
     """
-    import platform
+    from .conversion_cache import host_versions
 
-    from .conversion_cache import package_versions
-
-    versions = package_versions(("tensorflow", "tensorflow-cpu", "keras", "tf2onnx", "onnx", "onnxruntime",
-                                 "numpy", "hypothesis"))
-    versions["python"] = platform.python_version()
+    versions = host_versions()
     for r in results:
         if r.get("versions"):
             versions.update({k: str(v) for k, v in r["versions"].items()})

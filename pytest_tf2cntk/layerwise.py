@@ -59,7 +59,7 @@ from onnx import helper, numpy_helper, shape_inference
 
 from . import onnx_graph as og
 from .budgets import UNIT_ROUNDOFF, BudgetConfig, node_terms, op_budget
-from .metrics import compare
+from .metrics import compare, nonfinite_mismatch
 
 if TYPE_CHECKING:
     from .conversion import Conversion
@@ -782,9 +782,7 @@ def scaled_error(ref: np.ndarray, got: np.ndarray) -> float:
         max_abs = float(np.max(np.abs(r - g)))
         scale = math.sqrt(float(np.mean(np.square(r))))
     else:
-        with np.errstate(invalid="ignore"):
-            bad = (fr != fg) | (~fr & ~fg & ~((r == g) | (np.isnan(r) & np.isnan(g))))
-        if bad.any():
+        if nonfinite_mismatch(r, g).any():
             return float("inf")
         both = fr & fg
         max_abs = float(np.max(np.abs(r[both] - g[both]))) if both.any() else 0.0
@@ -793,8 +791,6 @@ def scaled_error(ref: np.ndarray, got: np.ndarray) -> float:
         return max_abs / scale
     return 0.0 if max_abs == 0 else float("inf")
 
-
-_local_error = scaled_error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1122,7 +1118,7 @@ class _Pass:
             cntk_out[t] = v
             cntk_held[t] = v
             if ort_v is not None:
-                r.drift = max(r.drift or 0.0, _local_error(ort_v, v))
+                r.drift = max(r.drift or 0.0, scaled_error(ort_v, v))
         if not any(i in data for i in node.input if i):
             r.status = STATUS_CONSTANT
             return
@@ -1171,7 +1167,7 @@ class _Pass:
         except Exception as exc:
             r.status = f"no local reference: ONNX Runtime cannot run the node alone ({str(exc).splitlines()[0][:120]})"
             return
-        errors = {t: _local_error(local[t], v) for t, v in cntk_out.items() if t in local}
+        errors = {t: scaled_error(local[t], v) for t, v in cntk_out.items() if t in local}
         if not errors:
             r.status = "no local reference: ONNX Runtime returned none of the mapped outputs"
             return
@@ -1287,9 +1283,9 @@ class _Pass:
             v = _to_dtype(got[t], ref_v.dtype)
             if v.shape != ref_v.shape and [d for d in v.shape if d != 1] == [d for d in ref_v.shape if d != 1]:
                 v = v.reshape(ref_v.shape)
-            errs.append(_local_error(ref_v, v))
+            errs.append(scaled_error(ref_v, v))
             if t in cntk_out:
-                in_graph.append(_local_error(cntk_out[t], v) if np.any(cntk_out[t]) else 0.0)
+                in_graph.append(scaled_error(cntk_out[t], v) if np.any(cntk_out[t]) else 0.0)
         if saved.get("cntk_error"):
             return Confirmation(NOT_REPRODUCED, detail="CNTK computes the node alone but not inside the graph")
         if not errs:

@@ -42,6 +42,15 @@ class Metrics:
         return d
 
 
+def nonfinite_mismatch(r: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Elements where NaN/Inf do not agree: finite in one only, or different non-finite values
+    (+inf vs -inf, inf vs nan). Same-shape arrays."""
+    fr, fg = np.isfinite(r), np.isfinite(g)
+    with np.errstate(invalid="ignore"):
+        same = (r == g) | (np.isnan(r) & np.isnan(g))
+    return (fr != fg) | (~fr & ~fg & ~same)
+
+
 def ulp_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Units in the last place between float arrays of the same dtype (float16/32/64)."""
     dtype = a.dtype
@@ -70,9 +79,7 @@ def compare(ref: np.ndarray, got: np.ndarray) -> Metrics:
     g = got.astype(np.float64)
     finite_r, finite_g = np.isfinite(r), np.isfinite(g)
     both = finite_r & finite_g
-    # NaN/Inf must agree exactly: same positions, same values (+inf vs -inf differ)
-    nan_mismatch = int(np.count_nonzero((finite_r != finite_g) |
-                                        (~finite_r & ~finite_g & ~((r == g) | (np.isnan(r) & np.isnan(g))))))
+    nan_mismatch = int(np.count_nonzero(nonfinite_mismatch(r, g)))
     with np.errstate(invalid="ignore", over="ignore"):
         diff = np.where(both, np.abs(r - g), 0.0)
     ref_scale = float(np.sqrt(np.mean(np.square(np.where(finite_r, r, 0.0)))))

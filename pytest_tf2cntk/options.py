@@ -22,6 +22,9 @@ class Option:
     help: str
     kind: str = "str"  # str | int | float | bool | list
     metavar: str | None = None
+    minimum: float | None = None  # numbers: the smallest value allowed
+    strict: bool = False  # numbers: the value must be above ``minimum``, not equal to it
+    shown: str | None = None  # the default as --help shows it, when the value itself says little
 
     @property
     def flag(self) -> str:
@@ -32,25 +35,17 @@ class Option:
         return "tf2cntk_" + self.name
 
 
-def _ranged(kind: type, low: float) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        value = kind(text)
-        if value < low:
-            raise ValueError(f"must be >= {low}")
-        return value
-    return parse
-
-
 OPTIONS: tuple[Option, ...] = (
     Option("models", (), "model to test: SavedModel dir, .keras or .h5 (repeatable; ini: one per line, "
                          "relative to rootdir)", "list", "PATH"),
     Option("devices", DEFAULT_DEVICES, "devices to test, comma separated: cpu, gpu, gpu:N", metavar="LIST"),
-    Option("max_examples", 20, "Hypothesis examples per model and device", "int", "N"),
-    Option("batch", 1, "fixed batch size the model is converted and tested at", "int", "N"),
-    Option("opset", 9, "ONNX opset for tf2onnx (CNTK 2.7 imports <= 9)", "int", "K"),
+    Option("max_examples", 20, "Hypothesis examples per model and device", "int", "N", minimum=1),
+    Option("batch", 1, "fixed batch size the model is converted and tested at", "int", "N", minimum=1),
+    Option("opset", 9, "ONNX opset for tf2onnx (CNTK 2.7 imports <= 9)", "int", "K", minimum=1),
     Option("seed", None, "Hypothesis seed (default: random locally, derandomized when $CI is set)",
-           "int", "N"),
-    Option("budget_scale", 1.0, "multiply every tolerance budget by this factor", "float", "X"),
+           "int", "N", minimum=0, shown="random"),
+    Option("budget_scale", 1.0, "multiply every tolerance budget by this factor", "float", "X",
+           minimum=0, strict=True),
     Option("cntk_python", None, "python of the CNTK 2.7 environment (default: $TF2CNTK_CNTK_PYTHON, "
                                 "then the `tf2cntk setup` environment)", metavar="PATH"),
     Option("report", None, "write a JSON report of every conversion and parity check here",
@@ -60,19 +55,19 @@ OPTIONS: tuple[Option, ...] = (
                               "~/.cache/pytest-tf2cntk/conversions)", metavar="DIR"),
     Option("signature", None, "SavedModel signature to test (default: serving_default)", metavar="NAME"),
     Option("edge_values", False, "also generate zeros, range extremes, large and subnormal values", "bool"),
-    Option("timeout", 600.0, "seconds one CNTK call may take before the worker is replaced", "float", "S"),
+    Option("timeout", 600.0, "seconds one CNTK call may take before the worker is replaced", "float", "S",
+           minimum=0),
     Option("layerwise", False, "localize every parity check layer by layer, not only failures "
                                "(failures are always localized, within 120 s)", "bool"),
     Option("history", None, "SQLite run history (default: .tf2cntk/history.sqlite under the rootdir)",
-           metavar="PATH"),
+           metavar="PATH", shown=".tf2cntk/history.sqlite"),
     Option("no_history", False, "do not record this run in the history", "bool"),
     Option("baseline", "latest", "run the drift is measured against: latest, a RUN_ID or a TAG",
            metavar="SPEC"),
     Option("fail_on_drift", None, "fail an output whose error grew by more than FACTOR over the "
                                   "baseline (beyond run-to-run noise), even within budget", "float",
-           "FACTOR"),
+           "FACTOR", minimum=1, shown="off"),
 )
-_BY_NAME = {o.name: o for o in OPTIONS}
 
 
 @dataclass(frozen=True)
@@ -111,8 +106,7 @@ def register(parser: Any) -> None:
             group.addoption("--tf2cntk-model", action="append", dest="tf2cntk_models", default=None,
                             metavar=o.metavar, help=f"{o.help} (ini: {o.ini})")
         else:
-            shown = {"seed": "random", "history": ".tf2cntk/history.sqlite", "fail_on_drift": "off"
-                     }.get(o.name, o.default)
+            shown = o.shown if o.shown is not None else o.default
             group.addoption(o.flag, dest=f"tf2cntk_{o.name}", default=None, metavar=o.metavar,
                             help=f"{o.help} (default: {shown}; ini: {o.ini})")
         ini_type = {"bool": "bool", "list": "linelist"}.get(o.kind, "string")
@@ -122,21 +116,14 @@ def register(parser: Any) -> None:
 def _convert(o: Option, raw: Any) -> Any:
     if raw is None or raw == "":
         return o.default
-    if o.kind == "int":
-        return _ranged(int, 1 if o.name in ("max_examples", "batch", "opset") else 0)(raw)
-    if o.kind == "float":
-        if o.name == "fail_on_drift":
-            return _ranged(float, 1.0)(raw)
-        return _ranged(float, 0.0)(raw) if o.name != "budget_scale" else _positive(float(raw))
     if o.kind == "bool":
         return raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes", "on")
-    return raw
-
-
-def _positive(x: float) -> float:
-    if x <= 0:
-        raise ValueError("must be > 0")
-    return x
+    if o.kind not in ("int", "float"):
+        return raw
+    value = int(raw) if o.kind == "int" else float(raw)
+    if o.minimum is not None and (value <= o.minimum if o.strict else value < o.minimum):
+        raise ValueError(f"must be {'>' if o.strict else '>='} {o.minimum:g}")
+    return value
 
 
 def resolve(getoption: Callable[[str], Any], getini: Callable[[str], Any], rootdir: Path,
@@ -188,6 +175,3 @@ def read_pyproject(rootdir: Path) -> dict[str, Any]:
     with open(path, "rb") as fh:
         return tomllib.load(fh)
 
-
-def option(name: str) -> Option:
-    return _BY_NAME[name]

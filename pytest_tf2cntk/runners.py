@@ -88,9 +88,12 @@ class CNTKRunner:
         """Start an eval in the worker and return at once (the host runs TF meanwhile)."""
         return self.worker.eval_async(self.loaded, self._feeds(feeds))
 
-    def run(self, feeds: dict[str, np.ndarray], pending: Any = None) -> dict[str, np.ndarray]:
-        out = pending.result() if pending is not None else self.worker.eval(self.loaded, self._feeds(feeds))
-        return {name: self._restore_dtype(name, value) for name, value in out.items()}
+    def result(self, pending: Any) -> dict[str, np.ndarray]:
+        """The outputs of a ``submit``, in the dtypes the graph declares."""
+        return {name: self._restore_dtype(name, value) for name, value in pending.result().items()}
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.result(self.submit(feeds))
 
     def _restore_dtype(self, name: str, value: np.ndarray) -> np.ndarray:
         """CNTK computes integer and bool tensors as float; give back the declared type when the

@@ -314,15 +314,14 @@ class Tf2CntkSession:
                 if k != "models"}
 
     def report(self, exitstatus: int) -> dict[str, Any]:
-        from .conversion_cache import package_versions
+        from .conversion_cache import host_versions
 
         passed = all(r.get("passed", True) for r in self.results) and all(c["ok"] for c in self.conversions)
         return {"format": REPORT_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "duration": time.time() - self.started, "exitstatus": int(exitstatus), "passed": passed,
                 "settings": self._settings_json(),
                 "models": [self._rel(m) for m in self.settings.models],
-                "versions": package_versions(("tensorflow", "tensorflow-cpu", "keras", "tf2onnx", "onnx",
-                                              "onnxruntime", "numpy", "hypothesis")),
+                "versions": host_versions(),
                 "conversions": self.conversions, "results": self.results}
 
     def finish(self, exitstatus: int) -> None:
