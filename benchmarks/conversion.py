@@ -38,7 +38,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 _HIT_SNIPPET = """
 import json, sys, time
 t0 = time.perf_counter()
-from pytest_tf2cntk.conversion import convert
+from pytest_tf2cntk.convert.pipeline import convert
 t1 = time.perf_counter()
 try:
     convert(sys.argv[1], batch=int(sys.argv[2]), cache_dir=sys.argv[3])
@@ -72,7 +72,7 @@ def models() -> list[tuple[str, Callable[[], Path], int]]:
 
 
 def timed_convert(path: Path, batch: int, cache_dir: Path) -> tuple[float, Any]:
-    from pytest_tf2cntk.conversion import convert
+    from pytest_tf2cntk.convert.pipeline import convert
 
     t0 = time.perf_counter()
     try:

@@ -41,9 +41,9 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np
 
-from pytest_tf2cntk.conversion import convert
-from pytest_tf2cntk.inputs import InputRecipe, materialize
-from pytest_tf2cntk.parity import ParityEngine
+from pytest_tf2cntk.convert.pipeline import convert
+from pytest_tf2cntk.parity.inputs import InputRecipe, materialize
+from pytest_tf2cntk.parity.engine import ParityEngine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 0.15

@@ -53,11 +53,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from pytest_tf2cntk import budgets as budgets_mod
-from pytest_tf2cntk import onnx_graph as og
-from pytest_tf2cntk.conversion import Conversion, convert
-from pytest_tf2cntk.inputs import InputRecipe, materialize
-from pytest_tf2cntk.parity import STAGE_CNTK, Evaluation, ParityEngine
+from pytest_tf2cntk.parity import budgets as budgets_mod
+from pytest_tf2cntk.convert import onnx_graph as og
+from pytest_tf2cntk.convert.pipeline import Conversion, convert
+from pytest_tf2cntk.parity.inputs import InputRecipe, materialize
+from pytest_tf2cntk.parity.engine import STAGE_CNTK, Evaluation, ParityEngine
 
 FIXTURES = ROOT / "fixtures"
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from pytest_tf2cntk import history as H
-from pytest_tf2cntk import history_report as R
-from pytest_tf2cntk.drift import DriftJudge
+from pytest_tf2cntk.history import store as H
+from pytest_tf2cntk.history import report as R
+from pytest_tf2cntk.history.drift import DriftJudge
 
 U32 = 2.0 ** -24
 MODELS = 10

@@ -43,12 +43,12 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 
-from pytest_tf2cntk import onnxrt  # noqa: E402
-from pytest_tf2cntk.conversion import Conversion, convert  # noqa: E402
-from pytest_tf2cntk.inputs import InputRecipe, materialize  # noqa: E402
-from pytest_tf2cntk.layerwise import CONFIRMED, localize  # noqa: E402
-from pytest_tf2cntk.parity import ParityEngine  # noqa: E402
-from pytest_tf2cntk.worker_client import CNTKWorker  # noqa: E402
+from pytest_tf2cntk.convert import onnxrt
+from pytest_tf2cntk.convert.pipeline import Conversion, convert  # noqa: E402
+from pytest_tf2cntk.parity.inputs import InputRecipe, materialize  # noqa: E402
+from pytest_tf2cntk.parity.localize.scan import CONFIRMED, localize  # noqa: E402
+from pytest_tf2cntk.parity.engine import ParityEngine  # noqa: E402
+from pytest_tf2cntk.cntk.client import CNTKWorker  # noqa: E402
 from tests.test_layerwise import KINDS, Fault, fault_candidates, feeds_for, pick  # noqa: E402
 from tests.zoo import application_model  # noqa: E402
 
@@ -86,7 +86,7 @@ def measure(fn: Callable[[], Any], worker: CNTKWorker) -> tuple[Any, dict[str, f
 
 
 def image_feeds(conv: Conversion, seed: int = 11) -> dict[str, np.ndarray]:
-    from pytest_tf2cntk.domains import derive_domains
+    from pytest_tf2cntk.convert.domains import derive_domains
 
     doms = derive_domains(conv.onnx_model)
     return materialize({n: InputRecipe("uniform", seed, 0.0, 1.0, "none", 0.0) for n in doms}, doms)
@@ -185,7 +185,7 @@ def run_faults(name: str, conv: Conversion, per_kind: int, tmp: Path, worker: CN
 
 
 def false_alarms(name: str, conv: Conversion, seeds: int, worker: CNTKWorker) -> dict[str, Any]:
-    from pytest_tf2cntk.domains import derive_domains
+    from pytest_tf2cntk.convert.domains import derive_domains
 
     doms = derive_domains(conv.onnx_model)
     runs, alarms, worst = 0, [], 0.0

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from pytest_tf2cntk.worker_client import CNTKWorker
+from pytest_tf2cntk.cntk.client import CNTKWorker
 
 MIB = 1 << 20
 

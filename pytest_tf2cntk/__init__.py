@@ -9,14 +9,14 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "check_parity": ("parity", "check_parity"),
-    "ParityResult": ("parity", "ParityResult"),
-    "convert": ("conversion", "convert"),
-    "Conversion": ("conversion", "Conversion"),
-    "BudgetConfig": ("budgets", "BudgetConfig"),
+    "check_parity": ("parity.engine", "check_parity"),
+    "ParityResult": ("parity.engine", "ParityResult"),
+    "convert": ("convert.pipeline", "convert"),
+    "Conversion": ("convert.pipeline", "Conversion"),
+    "BudgetConfig": ("parity.budgets", "BudgetConfig"),
     "assert_parity": ("plugin", "assert_parity"),
-    "replay": ("reproducer", "replay"),
-    "load_history": ("history", "load_history"),
+    "replay": ("parity.reproducer", "replay"),
+    "load_history": ("history.report", "load_history"),
 }
 __all__ = sorted(_LAZY) + ["__version__"]
 

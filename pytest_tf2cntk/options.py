@@ -147,7 +147,7 @@ def resolve(getoption: Callable[[str], Any], getini: Callable[[str], Any], rootd
     ini_models = not getoption("tf2cntk_models")
     base = rootdir if ini_models else Path(os.getcwd())
     values["models"] = tuple(Path(m) if Path(m).is_absolute() else base / m for m in values["models"])
-    from .devices import normalize_device
+    from pytest_tf2cntk.devices import normalize_device
 
     try:
         devices = [d.strip().lower() for d in str(values["devices"]).split(",") if d.strip()]

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pytest_tf2cntk.conversion import convert
-from pytest_tf2cntk.conversion_cache import ConversionCache
-from pytest_tf2cntk.domains import derive_domains, random_feeds
+from pytest_tf2cntk.convert.pipeline import convert
+from pytest_tf2cntk.convert.cache import ConversionCache
+from pytest_tf2cntk.convert.domains import derive_domains, random_feeds
 from pytest_tf2cntk.errors import ModelLoadError, ValidationError
-from pytest_tf2cntk.metrics import compare
-from pytest_tf2cntk.worker_client import get_worker
+from pytest_tf2cntk.parity.metrics import compare
+from pytest_tf2cntk.cntk.client import get_worker
 
 from .conftest import FIXTURE_MODELS, FIXTURES, ROOT
 
@@ -98,7 +98,7 @@ def test_cache_hit_is_cheap_and_a_corrupt_entry_is_rebuilt(tmp_path: Path) -> No
 
 
 def test_concurrent_processes_convert_once(tmp_path: Path) -> None:
-    code = ("import sys, json; from pytest_tf2cntk.conversion import convert; "
+    code = ("import sys, json; from pytest_tf2cntk.convert.pipeline import convert; "
             f"c = convert({str(FIXTURES / 'two_io.keras')!r}, batch=2, cache_dir={str(tmp_path)!r}); "
             "print(json.dumps([c.from_cache, str(c.onnx_path)]))")
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,

@@ -8,11 +8,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from pytest_tf2cntk import budgets as B
+from pytest_tf2cntk.parity import budgets as B
 from pytest_tf2cntk import options
-from pytest_tf2cntk.domains import derive_domains
-from pytest_tf2cntk.inputs import InputRecipe, inputs_strategy, materialize
-from pytest_tf2cntk.metrics import compare, fraction_over, ulp_distance
+from pytest_tf2cntk.convert.domains import derive_domains
+from pytest_tf2cntk.parity.inputs import InputRecipe, inputs_strategy, materialize
+from pytest_tf2cntk.parity.metrics import compare, fraction_over, ulp_distance
 
 
 # -- metrics ----------------------------------------------------------------------------------
@@ -210,7 +210,7 @@ def test_every_option_is_prefixed_and_has_an_ini_twin() -> None:
 
 
 def test_stage_attribution_covers_every_combination() -> None:
-    from pytest_tf2cntk.parity import STAGE_BOTH, STAGE_CNTK, STAGE_COMBINED, STAGE_CONVERTER, OutputCheck
+    from pytest_tf2cntk.parity.engine import STAGE_BOTH, STAGE_CNTK, STAGE_COMBINED, STAGE_CONVERTER, OutputCheck
 
     budget = B.OutputBudget("y", 0.1, 2.0 ** -24, 1, ())
     ref = np.ones(4, np.float32)

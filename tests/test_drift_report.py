@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from pytest_tf2cntk import calibrate as C
+from pytest_tf2cntk.parity import calibrate as C
 from pytest_tf2cntk import cli
-from pytest_tf2cntk import history as H
-from pytest_tf2cntk import history_report as R
-from pytest_tf2cntk.drift import DriftJudge, error_floor, judge_errors, noise_upper
+from pytest_tf2cntk.history import store as H
+from pytest_tf2cntk.history import report as R
+from pytest_tf2cntk.history.drift import DriftJudge, error_floor, judge_errors, noise_upper
 
 from .test_history import U32, make_result, make_run
 
@@ -192,7 +192,7 @@ def test_round_up_never_shrinks_a_budget() -> None:
 
 def test_calibrate_mlp_prints_pasteable_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                              capsys: pytest.CaptureFixture) -> None:
-    from pytest_tf2cntk.cntk_env import default_env_dir, env_python
+    from pytest_tf2cntk.cntk.env import default_env_dir, env_python
 
     if not env_python(default_env_dir()).exists():
         pytest.skip("no CNTK environment (run `tf2cntk setup`)")

@@ -6,9 +6,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from pytest_tf2cntk import onnxrt, passes
+from pytest_tf2cntk.convert import onnxrt
+from pytest_tf2cntk.convert import passes
 from pytest_tf2cntk.errors import PassMismatch, ValidationError
-from pytest_tf2cntk.validation import check_support, validate
+from pytest_tf2cntk.convert.validation import check_support, validate
 
 
 def _model(nodes, inputs, outputs, inits=(), opset=9) -> onnx.ModelProto:

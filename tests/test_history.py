@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from pytest_tf2cntk import cli
-from pytest_tf2cntk import history as H
-from pytest_tf2cntk.drift import resolve_baseline
+from pytest_tf2cntk.history import store as H
+from pytest_tf2cntk.history.drift import resolve_baseline
 from pytest_tf2cntk.errors import HistoryError
 
 ROOT = Path(__file__).resolve().parent.parent

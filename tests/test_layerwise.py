@@ -20,12 +20,12 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from pytest_tf2cntk import onnx_graph as og
-from pytest_tf2cntk.conversion import Conversion, convert
-from pytest_tf2cntk.domains import derive_domains, random_feeds
-from pytest_tf2cntk.layerwise import (CONFIRMED, STATUS_NOT_REACHED, Localization, localize, register_cli,
+from pytest_tf2cntk.convert import onnx_graph as og
+from pytest_tf2cntk.convert.pipeline import Conversion, convert
+from pytest_tf2cntk.convert.domains import derive_domains, random_feeds
+from pytest_tf2cntk.parity.localize.scan import (CONFIRMED, STATUS_NOT_REACHED, Localization, localize, register_cli,
                                       scaled_error)
-from pytest_tf2cntk.metrics import compare
+from pytest_tf2cntk.parity.metrics import compare
 
 from .conftest import FIXTURES
 from .faults import pad_shifts
@@ -73,7 +73,7 @@ def _signs(key: str, shape: tuple) -> np.ndarray:
 
 
 def _clip_input_max(model: onnx.ModelProto, feeds: dict[str, np.ndarray], tensors: list[str]) -> dict[str, float]:
-    from pytest_tf2cntk import onnxrt
+    from pytest_tf2cntk.convert import onnxrt
 
     if not tensors:
         return {}

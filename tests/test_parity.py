@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from pytest_tf2cntk import check_parity
-from pytest_tf2cntk.conversion import convert
-from pytest_tf2cntk.parity import STAGE_CNTK, STAGE_CONVERTER
-from pytest_tf2cntk.reproducer import read_reproducer
+from pytest_tf2cntk.convert.pipeline import convert
+from pytest_tf2cntk.parity.engine import STAGE_CNTK, STAGE_CONVERTER
+from pytest_tf2cntk.parity.reproducer import read_reproducer
 
 from .conftest import FIXTURE_MODELS, FIXTURES
 
@@ -70,7 +70,7 @@ def test_known_bad_conversion_fails_with_cntk_stage(tmp_path: Path) -> None:
 
 def test_converter_stage_is_blamed_when_onnx_runtime_disagrees_with_tf(tmp_path: Path, planted_fault) -> None:
     """Make the graph that ONNX Runtime and CNTK share wrong: the converter stage broke."""
-    from pytest_tf2cntk.parity import ParityEngine
+    from pytest_tf2cntk.parity.engine import ParityEngine
 
     conv = convert(FIXTURES / "mlp.keras", batch=2)
     mutated = planted_fault(conv.onnx_path, 1.01)

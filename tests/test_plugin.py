@@ -178,7 +178,7 @@ def test_history_records_runs_and_drift_fails_within_budget(project: pytest.Pyte
     project.runpytest_subprocess(*args).assert_outcomes(passed=1)
     project.runpytest_subprocess(*args).assert_outcomes(passed=1)
     from pytest_tf2cntk import load_history
-    from pytest_tf2cntk.conversion import convert
+    from pytest_tf2cntk.convert.pipeline import convert
 
     frame = load_history(project.path / ".tf2cntk" / "history.sqlite")
     assert sorted(frame["run_id"].unique()) == [1, 2] and set(frame["output"]) == {"probs"}

@@ -17,11 +17,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from pytest_tf2cntk.cntk_env import default_env_dir, env_python
+from pytest_tf2cntk.cntk.env import default_env_dir, env_python
 from pytest_tf2cntk.errors import (CNTKError, DeviceUnavailable, EnvironmentProblem, ProtocolError,
                                    WorkerCrashed, WorkerTimeout)
-from pytest_tf2cntk.worker import protocol
-from pytest_tf2cntk.worker_client import CNTKWorker, LoadedModel, get_worker
+from pytest_tf2cntk.cntk.worker import protocol
+from pytest_tf2cntk.cntk.client import CNTKWorker, LoadedModel, get_worker
 
 pytestmark = pytest.mark.skipif(not env_python(default_env_dir()).exists(),
                                 reason="no CNTK environment (run `tf2cntk setup`)")

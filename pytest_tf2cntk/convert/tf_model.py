@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .errors import ModelLoadError
+from pytest_tf2cntk.errors import ModelLoadError
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 DEFAULT_SIGNATURE = "serving_default"

@@ -15,11 +15,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .budgets import BudgetConfig, OutputBudget, output_budgets
-from .conversion import Conversion, convert
-from .domains import InputDomain, derive_domains
-from .inputs import InputRecipe, inputs_strategy, materialize
-from .metrics import Metrics, compare, fraction_over
+from pytest_tf2cntk.parity.budgets import BudgetConfig, OutputBudget, output_budgets
+from pytest_tf2cntk.convert.pipeline import Conversion, convert
+from pytest_tf2cntk.convert.domains import InputDomain, derive_domains
+from pytest_tf2cntk.parity.inputs import InputRecipe, inputs_strategy, materialize
+from pytest_tf2cntk.parity.metrics import Metrics, compare, fraction_over
 
 STAGE_OK = "none"
 STAGE_CONVERTER = "converter (TF -> ONNX, tf2onnx)"
@@ -190,8 +190,8 @@ class ParityEngine:
                  input_ranges: dict[str, tuple[float, float]] | None = None,
                  cntk_python: str | None = None, worker: Any = None, cntk_onnx: str | None = None,
                  triage: str = "failures", allow_tf32: bool = False) -> None:
-        from .devices import normalize_device
-        from .runners import CNTKRunner, TFRunner
+        from pytest_tf2cntk.devices import normalize_device
+        from pytest_tf2cntk.parity.runners import CNTKRunner, TFRunner
 
         self.conversion = conversion
         self.device = normalize_device(device)
@@ -212,8 +212,8 @@ class ParityEngine:
     @property
     def ort(self) -> Any:
         if self._ort is None:
-            from .errors import DeviceUnavailable
-            from .runners import OrtRunner
+            from pytest_tf2cntk.errors import DeviceUnavailable
+            from pytest_tf2cntk.parity.runners import OrtRunner
 
             try:
                 self._ort = OrtRunner(self.conversion.onnx_model, self._ort_device)
@@ -258,7 +258,7 @@ class ParityEngine:
     def localize(self, result: ParityResult, feeds: dict[str, np.ndarray],
                  time_budget_s: float | None) -> None:
         """Attach the layerwise localization of ``feeds`` to ``result`` (never raises)."""
-        from .layerwise import localize
+        from pytest_tf2cntk.parity.localize.scan import localize
 
         started = time.perf_counter()
         try:
@@ -368,7 +368,7 @@ class ParityEngine:
             input_domains={k: d.to_json() for k, d in self.domains.items()},
             timings=dict(self.timings), seed=seed, versions=versions())
         if failed_key is not None:
-            from .reproducer import write_reproducer
+            from pytest_tf2cntk.parity.reproducer import write_reproducer
 
             result.reproducer = str(write_reproducer(result, failures[failed_key][1], reproducer_dir,
                                                      self.conversion, self.cntk_onnx))
@@ -390,11 +390,11 @@ def conversion_summary(conv: Conversion, cntk_onnx: str | None = None) -> dict[s
 
 
 def versions() -> dict[str, str]:
-    from .conversion_cache import host_versions
+    from pytest_tf2cntk.convert.cache import host_versions
 
     out = host_versions()
     try:
-        from .worker_client import get_worker
+        from pytest_tf2cntk.cntk.client import get_worker
 
         info = get_worker().ping()
         out["cntk"] = str(info.get("cntk", ""))

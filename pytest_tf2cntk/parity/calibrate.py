@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import Tf2CntkError
+from pytest_tf2cntk.errors import Tf2CntkError
 
 DEFAULT_MARGIN = 10.0
 DEFAULT_SEEDS = 5
@@ -150,10 +150,10 @@ def calibrate(model: str | os.PathLike, *, device: str = "cpu", batch: int = 1, 
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import seed as hyp_seed
 
-    from .budgets import BudgetConfig, output_budgets
-    from .conversion import convert
-    from .inputs import inputs_strategy, materialize
-    from .parity import ParityEngine
+    from pytest_tf2cntk.parity.budgets import BudgetConfig, output_budgets
+    from pytest_tf2cntk.convert.pipeline import convert
+    from pytest_tf2cntk.parity.inputs import inputs_strategy, materialize
+    from pytest_tf2cntk.parity.engine import ParityEngine
 
     if seeds < 1 or examples < 1 or margin <= 0:
         raise Tf2CntkError(f"calibrate needs seeds >= 1, examples >= 1 and margin > 0 (got {seeds}, {examples}, "
@@ -202,8 +202,8 @@ def calibrate(model: str | os.PathLike, *, device: str = "cpu", batch: int = 1, 
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .history import find_rootdir
-    from .options import read_pyproject
+    from pytest_tf2cntk.history.store import find_rootdir
+    from pytest_tf2cntk.options import read_pyproject
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter is not the output
     tool = read_pyproject(find_rootdir()).get("tool", {}).get("tf2cntk", {})
@@ -229,7 +229,7 @@ def _at_least(low: float, kind: type) -> Callable[[str], Any]:
 
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
-    from .cli import _add_conversion_args  # same model/conversion options as convert and check
+    from pytest_tf2cntk.cli import _add_conversion_args  # same model/conversion options as convert and check
 
     p = sub.add_parser("calibrate", help="measure a model's error distribution and propose output budgets (TOML)")
     _add_conversion_args(p)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .errors import HistoryError
+from pytest_tf2cntk.errors import HistoryError
 
 DEFAULT_FACTOR = 2.0
 DEFAULT_WINDOW = 10
@@ -123,7 +123,7 @@ def resolve_baseline(path: str | Path, spec: str | int, *, before: int | None = 
 
     An unknown run id or tag is a HistoryError: a typo must not silently turn drift checks off.
     """
-    from . import history
+    from pytest_tf2cntk.history import store as history
 
     text = str(spec).strip()
     p = Path(path)
@@ -177,7 +177,7 @@ class DriftJudge:
             self._load()
 
     def _load(self) -> None:
-        from . import history
+        from pytest_tf2cntk.history import store as history
 
         def newest(table: str, key: str, cols: str) -> str:
             return (f"SELECT model, device, {key}, run_id, {cols} FROM (SELECT *, ROW_NUMBER() OVER "

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from . import onnx_graph as og
+from pytest_tf2cntk.convert import onnx_graph as og
 
 # ulps one application of the op may differ by between two correct implementations
 EXACT = 0.0

@@ -31,11 +31,11 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from . import cntk_env
-from .cntk_env import resolve_cntk_python, worker_environ
-from .errors import (CNTKError, DeviceUnavailable, EnvironmentProblem, ProtocolError, WorkerCrashed,
+from pytest_tf2cntk.cntk import env as cntk_env
+from pytest_tf2cntk.cntk.env import resolve_cntk_python, worker_environ
+from pytest_tf2cntk.errors import (CNTKError, DeviceUnavailable, EnvironmentProblem, ProtocolError, WorkerCrashed,
                      WorkerError, WorkerTimeout)
-from .worker import protocol
+from pytest_tf2cntk.cntk.worker import protocol
 
 SERVER_SCRIPT = Path(__file__).resolve().parent / "worker" / "server.py"
 DEFAULT_TIMEOUT = 300.0   # load / eval / nodes

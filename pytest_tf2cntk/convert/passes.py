@@ -13,9 +13,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from . import onnx_graph as og
-from .domains import derive_domains, random_feeds
-from .errors import PassMismatch
+from pytest_tf2cntk.convert import onnx_graph as og
+from pytest_tf2cntk.convert.domains import derive_domains, random_feeds
+from pytest_tf2cntk.errors import PassMismatch
 
 _FOLD_LIMIT = 1 << 24  # never materialize folded constants bigger than this many elements
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
@@ -165,14 +165,14 @@ PASSES: list[tuple[str, Callable[[onnx.ModelProto], int]]] = [
 def run_passes(model: onnx.ModelProto, prove: bool = True, seed: int = 0,
                examples: int = 2) -> tuple[onnx.ModelProto, list[PassRecord]]:
     """Apply every pass in order; return the rewritten model and what each pass did."""
-    from . import onnxrt
+    from pytest_tf2cntk.convert import onnxrt
 
     rng = np.random.default_rng(seed)
     feeds = [random_feeds(derive_domains(model), rng) for _ in range(examples)] if prove else []
     try:
         reference = [onnxrt.run(model, f) for f in feeds]
     except Exception as exc:
-        from .errors import ConversionError
+        from pytest_tf2cntk.errors import ConversionError
 
         raise ConversionError("ONNX Runtime cannot run the graph tf2onnx produced, so it cannot be "
                               f"used as the reference: {str(exc).strip().splitlines()[0][:400]}",

@@ -6,7 +6,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .errors import DeviceUnavailable
+from pytest_tf2cntk.errors import DeviceUnavailable
 
 
 def providers_for(device: str) -> list[str]:

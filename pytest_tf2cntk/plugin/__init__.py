@@ -12,9 +12,9 @@ from typing import Any, Iterator
 
 import pytest
 
-from . import options as opts
-from .errors import ParityFailure
-from .session import Tf2CntkSession
+from pytest_tf2cntk import options as opts
+from pytest_tf2cntk.errors import ParityFailure
+from pytest_tf2cntk.plugin.session import Tf2CntkSession
 
 SESSION_KEY = pytest.StashKey[Tf2CntkSession]()
 MARKER = "tf2cntk"
@@ -38,7 +38,7 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(f"pytest-tf2cntk: model path {model} does not exist "
                                     "(--tf2cntk-model / tf2cntk_models)")
     session = Tf2CntkSession(settings, rootdir, worker_id=_worker_id(config))
-    from .errors import HistoryError
+    from pytest_tf2cntk.errors import HistoryError
 
     if settings.models:  # a bad history file stops the run at once; otherwise opened on first use
         try:
@@ -109,7 +109,7 @@ class _ModelItem(pytest.Item):
         return self.path, None, self.name  # failure headline "parity[cpu]"; the message names the model
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
-        from .errors import Tf2CntkError
+        from pytest_tf2cntk.errors import Tf2CntkError
 
         if isinstance(excinfo.value, (Tf2CntkError, ParityFailure)):
             return str(excinfo.value)
@@ -134,7 +134,7 @@ class ParityItem(_ModelItem):
         self.device = device
 
     def runtest(self) -> None:
-        from .errors import DeviceUnavailable
+        from pytest_tf2cntk.errors import DeviceUnavailable
 
         session = _session(self.config)
         conv = session.conversion(self.model_path, lambda m: session.progress(self.config, m))
@@ -203,7 +203,7 @@ def assert_parity(target: Any, device: str = "cpu", **kwargs: Any) -> Any:
     Returns the ParityResult; a failure shows the same diagnostic table as the plugin's items.
     """
     __tracebackhide__ = True
-    from .parity import ParityResult, check_parity
+    from pytest_tf2cntk.parity.engine import ParityResult, check_parity
 
     if isinstance(target, ParityResult):
         result = target

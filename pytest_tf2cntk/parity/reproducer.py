@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from .conversion import Conversion
-    from .parity import Evaluation, ParityResult
+    from pytest_tf2cntk.convert.pipeline import Conversion
+    from pytest_tf2cntk.parity.engine import Evaluation, ParityResult
 
 DEFAULT_DIR = Path(".tf2cntk") / "reproducers"
 EMBED_ONNX_LIMIT = 64 << 20  # the CNTK-bound graph travels inside the file up to this size
@@ -52,7 +52,7 @@ def write_reproducer(result: "ParityResult", ev: "Evaluation", directory: str | 
 
 
 def read_reproducer(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
-    from .errors import Tf2CntkError
+    from pytest_tf2cntk.errors import Tf2CntkError
 
     try:
         with np.load(path, allow_pickle=False) as data:
@@ -75,9 +75,9 @@ def replay(path: str | os.PathLike, cntk_python: str | None = None,
     """Re-run a stored failure: the same inputs through TF, ONNX Runtime and CNTK."""
     import tempfile
 
-    from .budgets import OutputBudget
-    from .conversion import convert
-    from .parity import ParityEngine, ParityResult, conversion_summary, versions
+    from pytest_tf2cntk.parity.budgets import OutputBudget
+    from pytest_tf2cntk.convert.pipeline import convert
+    from pytest_tf2cntk.parity.engine import ParityEngine, ParityResult, conversion_summary, versions
 
     meta, groups = read_reproducer(path)
     conv = convert(meta["model"], batch=meta["batch"], opset=meta["opset"], signature=meta["signature"],

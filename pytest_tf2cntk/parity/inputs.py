@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .domains import InputDomain
+from pytest_tf2cntk.convert.domains import InputDomain
 
 DISTRIBUTIONS = ("constant", "uniform", "normal", "ramp")  # shrink order: simplest first
 SPECIALS = ("none", "zeros", "extremes", "large", "subnormal", "nonfinite")

@@ -12,8 +12,8 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from . import onnx_graph as og
-from .errors import ValidationError
+from pytest_tf2cntk.convert import onnx_graph as og
+from pytest_tf2cntk.errors import ValidationError
 
 MAX_OPSET = 9
 MAX_IR = 4

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from . import onnx_graph as og
+from pytest_tf2cntk.convert import onnx_graph as og
 
 DEFAULT_FLOAT_RANGE = (-1.0, 1.0)
 DEFAULT_INT_RANGE = (0, 10)

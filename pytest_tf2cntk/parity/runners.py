@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .devices import normalize_device
-from .errors import DeviceUnavailable
-from .tf_model import TFModel
+from pytest_tf2cntk.devices import normalize_device
+from pytest_tf2cntk.errors import DeviceUnavailable
+from pytest_tf2cntk.convert.tf_model import TFModel
 
 
 class TFRunner:
@@ -46,7 +46,7 @@ class OrtRunner:
     name = "ort"
 
     def __init__(self, model: onnx.ModelProto | Path, device: str = "cpu") -> None:
-        from . import onnxrt
+        from pytest_tf2cntk.convert import onnxrt
 
         self.device = normalize_device(device)
         payload = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
@@ -62,7 +62,7 @@ class CNTKRunner:
 
     def __init__(self, onnx_path: Path, device: str = "cpu", cntk_python: str | None = None,
                  worker: Any = None, output_dtypes: dict[str, str] | None = None) -> None:
-        from .worker_client import get_worker
+        from pytest_tf2cntk.cntk.client import get_worker
 
         self.device = normalize_device(device)
         self.worker = worker or get_worker(cntk_python)

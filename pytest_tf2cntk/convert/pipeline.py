@@ -10,10 +10,10 @@ from typing import Any, Callable
 
 import onnx
 
-from .conversion_cache import ConversionCache
-from .errors import ConversionError, ModelLoadError, ValidationError
-from .tf_model import TensorInfo, TFModel, load_tf_model
-from .validation import Problem
+from pytest_tf2cntk.convert.cache import ConversionCache
+from pytest_tf2cntk.errors import ConversionError, ModelLoadError, ValidationError
+from pytest_tf2cntk.convert.tf_model import TensorInfo, TFModel, load_tf_model
+from pytest_tf2cntk.convert.validation import Problem
 
 DEFAULT_OPSET = 9
 DEFAULT_BATCH = 1
@@ -75,8 +75,8 @@ def pipeline_fingerprint() -> str:
 
     here = Path(__file__).parent
     h = hashlib.sha256()
-    for name in ("conversion.py", "passes.py", "validation.py", "onnx_graph.py", "domains.py", "tf_model.py"):
-        h.update((here / name).read_bytes())
+    for path in sorted(here.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -119,7 +119,7 @@ def tf_to_onnx(model: TFModel, batch: int, opset: int, free_batch: bool = False)
         logger.setLevel(old_level)
         logger.propagate = old_propagate
     # tf2onnx names outputs after TF tensors ("Identity:0"); use the model's output names.
-    from .onnx_graph import rename_tensor
+    from pytest_tf2cntk.convert.onnx_graph import rename_tensor
 
     for out, info in zip(list(proto.graph.output), model.outputs):
         if out.name != info.name:
@@ -150,9 +150,9 @@ def convert(path: str | os.PathLike, *, batch: int = DEFAULT_BATCH, opset: int =
             cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
             apply_passes: bool = True, progress: Callable[[str], None] | None = None) -> Conversion:
     """Convert one model for CNTK. Raises ModelLoadError, ConversionError or ValidationError."""
-    from .passes import run_passes
-    from .tf_model import detect_kind
-    from .validation import validate
+    from pytest_tf2cntk.convert.passes import run_passes
+    from pytest_tf2cntk.convert.tf_model import detect_kind
+    from pytest_tf2cntk.convert.validation import validate
 
     say = progress or (lambda _msg: None)
     source = Path(path)
@@ -202,7 +202,7 @@ def convert(path: str | os.PathLike, *, batch: int = DEFAULT_BATCH, opset: int =
                 # convert free, fix the batch in ONNX, and keep it if the Loop is gone.
                 free = tf_to_onnx(tf_model, batch, opset, free_batch=True)
                 if not _has_control_flow(free):
-                    from .passes import PassRecord
+                    from pytest_tf2cntk.convert.passes import PassRecord
 
                     proto = free
                     records.append(PassRecord("free_batch_conversion", 1,
@@ -219,7 +219,7 @@ def convert(path: str | os.PathLike, *, batch: int = DEFAULT_BATCH, opset: int =
             if use_cache:
                 cache.put(key, None, meta)
             raise
-        from .onnx_graph import node_names_by_op
+        from pytest_tf2cntk.convert.onnx_graph import node_names_by_op
 
         meta.update(ops=node_names_by_op(proto), passes=[r.to_json() for r in records],
                     warnings=[w.to_json() for w in warnings])

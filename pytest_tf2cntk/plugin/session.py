@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .options import Settings
+from pytest_tf2cntk.options import Settings
 
 REPORT_FORMAT = 1
 
@@ -40,7 +40,7 @@ class ModelHandle:
 
     @property
     def domains(self) -> dict[str, Any]:
-        from .domains import derive_domains
+        from pytest_tf2cntk.convert.domains import derive_domains
 
         return derive_domains(self.onnx, self._ranges())
 
@@ -48,7 +48,7 @@ class ModelHandle:
         return {**self.session.settings.inputs, **(self.inputs or {})}
 
     def inputs_strategy(self, edge_values: bool | None = None) -> Any:
-        from .inputs import inputs_strategy, materialize
+        from pytest_tf2cntk.parity.inputs import inputs_strategy, materialize
 
         doms = self.domains
         edges = self.session.settings.edge_values if edge_values is None else edge_values
@@ -58,7 +58,7 @@ class ModelHandle:
         return self.tf.run(feeds, device)
 
     def run_ort(self, feeds: dict[str, Any]) -> dict[str, Any]:
-        from . import onnxrt
+        from pytest_tf2cntk.convert import onnxrt
 
         return onnxrt.run(self.onnx, feeds)
 
@@ -94,7 +94,8 @@ class Tf2CntkSession:
         project that has the plugin installed but does not use it gets no history file."""
         if self.settings.no_history or self.judge is not None:
             return
-        from . import drift, history
+        from pytest_tf2cntk.history import drift
+        from pytest_tf2cntk.history import store as history
 
         if self.worker_id is None:
             history.ensure_history(self.settings.history)
@@ -122,8 +123,8 @@ class Tf2CntkSession:
 
     def conversion(self, path: Path, progress: Callable[[str], None] | None = None) -> Any:
         """Convert once per session; a failure is remembered and re-raised for every item."""
-        from .conversion import convert
-        from .errors import Tf2CntkError
+        from pytest_tf2cntk.convert.pipeline import convert
+        from pytest_tf2cntk.errors import Tf2CntkError
 
         key = Path(path).resolve()
         if key not in self._converted:
@@ -148,7 +149,7 @@ class Tf2CntkSession:
         return ModelHandle(self, path, budgets, inputs)
 
     def worker(self) -> Any:
-        from .worker_client import get_worker
+        from pytest_tf2cntk.cntk.client import get_worker
 
         worker = get_worker(self.settings.cntk_python)
         worker.timeout = self.settings.timeout  # --tf2cntk-timeout: per call, then replaced
@@ -165,7 +166,7 @@ class Tf2CntkSession:
     def parity(self, conv: Any, device: str, budgets: dict | None = None,
                inputs: dict | None = None, config: Any = None, **kwargs: Any) -> Any:
         """One parity check with the session's settings; ``config`` (pytest's) enables progress."""
-        from .parity import check_parity
+        from pytest_tf2cntk.parity.engine import check_parity
 
         s = self.settings
         self.open_history()
@@ -193,7 +194,7 @@ class Tf2CntkSession:
         self._last = result
         drifted = self.judge_drift()
         if drifted and result.passed:
-            from .errors import ParityFailure
+            from pytest_tf2cntk.errors import ParityFailure
 
             raise ParityFailure(f"{result}\nerror drift beyond --tf2cntk-fail-on-drift="
                                 f"{s.fail_on_drift:g}:\n" + "\n".join(f"  {m}" for m in drifted))
@@ -296,8 +297,8 @@ class Tf2CntkSession:
     def _record_history(self, exitstatus: int) -> None:
         if self.settings.no_history or not self.results:
             return
-        from . import history
-        from .errors import HistoryError
+        from pytest_tf2cntk.history import store as history
+        from pytest_tf2cntk.errors import HistoryError
 
         try:
             run = history.run_info(self.rootdir, options=self._settings_json(), results=self.results,
@@ -314,7 +315,7 @@ class Tf2CntkSession:
                 if k != "models"}
 
     def report(self, exitstatus: int) -> dict[str, Any]:
-        from .conversion_cache import host_versions
+        from pytest_tf2cntk.convert.cache import host_versions
 
         passed = all(r.get("passed", True) for r in self.results) and all(c["ok"] for c in self.conversions)
         return {"format": REPORT_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import history
-from .drift import DEFAULT_FACTOR, DEFAULT_WINDOW, DriftJudge, error_floor
-from .errors import HistoryError
+from pytest_tf2cntk.history import store as history
+from pytest_tf2cntk.history.drift import DEFAULT_FACTOR, DEFAULT_WINDOW, DriftJudge, error_floor
+from pytest_tf2cntk.errors import HistoryError
 
 KEY = ["model", "device", "output"]
 MAX_PLOTS = 12  # error-over-runs panels: the most interesting outputs first

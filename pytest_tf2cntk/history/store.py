@@ -47,7 +47,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
-from .errors import HistoryError
+from pytest_tf2cntk.errors import HistoryError
 
 APPLICATION_ID = 0x54463243  # "TF2C" in the SQLite header: tells our files from anyone else's
 SCHEMA_VERSION = 2
@@ -302,7 +302,7 @@ def run_info(cwd: str | Path | None, *, options: dict[str, Any] | None = None,
     Versions are the host's installed packages, overlaid with what a parity result measured
     (that is where the CNTK side's cntk/numpy/python come from: the worker reports them).
     """
-    from .conversion_cache import host_versions
+    from pytest_tf2cntk.convert.cache import host_versions
 
     versions = host_versions()
     for r in results:
@@ -493,7 +493,7 @@ def list_runs(path: str | Path, limit: int | None = 20) -> list[dict[str, Any]]:
 
 def load_history(path: str | Path, **filters: Any) -> Any:
     """pandas DataFrame, one row per run x model x device x output (see history_report)."""
-    from .history_report import load_history as load
+    from pytest_tf2cntk.history.report import load_history as load
 
     return load(path, **filters)
 

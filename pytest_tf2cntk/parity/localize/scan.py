@@ -57,12 +57,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference
 
-from . import onnx_graph as og
-from .budgets import UNIT_ROUNDOFF, BudgetConfig, node_terms, op_budget
-from .metrics import compare, nonfinite_mismatch
+from pytest_tf2cntk.convert import onnx_graph as og
+from pytest_tf2cntk.parity.budgets import UNIT_ROUNDOFF, BudgetConfig, node_terms, op_budget
+from pytest_tf2cntk.parity.metrics import compare, nonfinite_mismatch
 
 if TYPE_CHECKING:
-    from .conversion import Conversion
+    from pytest_tf2cntk.convert.pipeline import Conversion
 
 DEFAULT_CHUNK = 64
 CHUNK_BYTES = 32 << 20  # per side (CNTK, ONNX Runtime) and chunk, estimated from static shapes
@@ -359,7 +359,7 @@ def _keras_layer_names(conversion: "Conversion") -> set[str]:
     if key not in _LAYER_CACHE:
         names: set[str] = set()
         try:
-            from .tf_model import _keras_config, _walk_configs, detect_kind
+            from pytest_tf2cntk.convert.tf_model import _keras_config, _walk_configs, detect_kind
 
             kind = detect_kind(Path(conversion.source))
             if kind in ("keras", "h5"):
@@ -735,8 +735,8 @@ def one_node_model(node: onnx.NodeProto, data: dict[str, np.ndarray], consts: di
 
 
 def _session(model: onnx.ModelProto, device: str) -> Any:
-    from . import onnxrt
-    from .errors import DeviceUnavailable
+    from pytest_tf2cntk.convert import onnxrt
+    from pytest_tf2cntk.errors import DeviceUnavailable
 
     payload = model.SerializeToString()
     key = hashlib.sha1(payload).hexdigest() + ":" + device
@@ -816,7 +816,7 @@ class _Pass:
     def __init__(self, conversion: "Conversion", feeds: dict[str, np.ndarray], cntk_onnx: Any, device: str,
                  budgets: BudgetConfig | dict | None, worker: Any, confirm: bool, time_budget_s: float | None,
                  chunk: int, stop_at_culprit: bool, cntk_python: str | None) -> None:
-        from .devices import normalize_device
+        from pytest_tf2cntk.devices import normalize_device
 
         self.started = time.perf_counter()
         self.conversion = conversion
@@ -835,12 +835,12 @@ class _Pass:
         self.feeds = {k: np.asarray(v) for k, v in feeds.items()}
         missing = [n for n in self.ref.inputs if n not in self.feeds]
         if missing:
-            from .errors import Tf2CntkError
+            from pytest_tf2cntk.errors import Tf2CntkError
 
             raise Tf2CntkError(f"localize: no value for input(s) {', '.join(missing)} "
                                f"(got {', '.join(sorted(self.feeds)) or 'none'})")
         if worker is None:
-            from .worker_client import get_worker
+            from pytest_tf2cntk.cntk.client import get_worker
 
             worker = get_worker(cntk_python)
         self.worker = worker
@@ -871,7 +871,7 @@ class _Pass:
 
     def cntk_eval(self, uids: list[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         """CNTK values by uid; uids CNTK cannot combine are bisected out and reported."""
-        from .errors import WorkerCrashed, WorkerTimeout
+        from pytest_tf2cntk.errors import WorkerCrashed, WorkerTimeout
 
         failed: dict[str, str] = {}
         if self.poisoned:  # downstream of a variable CNTK cannot evaluate: do not even ask
@@ -1054,8 +1054,8 @@ class _Pass:
         return loc
 
     def _ort_graph(self, names: list[str], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from . import onnxrt
-        from .errors import DeviceUnavailable
+        from pytest_tf2cntk.convert import onnxrt
+        from pytest_tf2cntk.errors import DeviceUnavailable
 
         if not names:
             return {}
@@ -1346,14 +1346,14 @@ def register_cli(subparsers: Any) -> None:
 
 
 def cmd_localize(args: Any) -> int:
-    from .conversion import DEFAULT_BATCH, DEFAULT_OPSET, convert
+    from pytest_tf2cntk.convert.pipeline import DEFAULT_BATCH, DEFAULT_OPSET, convert
 
     meta: dict[str, Any] = {}
     feeds: dict[str, np.ndarray] | None = None
     cntk_onnx = args.cntk_onnx
     tmpdir = None
     if args.input:
-        from .reproducer import read_reproducer
+        from pytest_tf2cntk.parity.reproducer import read_reproducer
 
         meta, groups = read_reproducer(args.input)
         feeds = dict(groups["input"])
@@ -1371,7 +1371,7 @@ def cmd_localize(args: Any) -> int:
     if cntk_onnx and os.path.abspath(cntk_onnx) == os.path.abspath(str(conv.onnx_path)):
         cntk_onnx = None
     if feeds is None:
-        from .domains import derive_domains, random_feeds
+        from pytest_tf2cntk.convert.domains import derive_domains, random_feeds
 
         feeds = random_feeds(derive_domains(conv.onnx_model), np.random.default_rng(args.seed))
     device = args.device or meta.get("device") or "cpu"

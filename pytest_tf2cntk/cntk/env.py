@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .errors import EnvironmentProblem
+from pytest_tf2cntk.errors import EnvironmentProblem
 
 CNTK_VERSION = "2.7.post2"
 ENV_CNTK_PYTHON = "TF2CNTK_CNTK_PYTHON"
@@ -40,7 +40,7 @@ PROOF_SNIPPET = (
 
 def project_root() -> Path | None:
     """The source checkout this package runs from, if it is one (editable install)."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     pyproject = root / "pyproject.toml"
     if pyproject.is_file() and 'name = "pytest-tf2cntk"' in pyproject.read_text("utf-8"):
         return root

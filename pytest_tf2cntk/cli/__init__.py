@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .errors import Tf2CntkError
+from pytest_tf2cntk.errors import Tf2CntkError
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
 
@@ -30,7 +30,7 @@ def _err(msg: str) -> None:
 def cmd_setup(args: argparse.Namespace) -> int:
     import time
 
-    from . import cntk_env
+    from pytest_tf2cntk.cntk import env as cntk_env
 
     started = time.perf_counter()
     result = cntk_env.setup(Path(args.env_dir) if args.env_dir else None, args.python, args.gpu,
@@ -70,7 +70,7 @@ def _host_rows() -> list[tuple[str, str, str, str]]:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from . import cntk_env
+    from pytest_tf2cntk.cntk import env as cntk_env
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     rows = _host_rows()
@@ -129,7 +129,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     import shutil
 
-    from .conversion import convert
+    from pytest_tf2cntk.convert.pipeline import convert
 
     conv = convert(args.model, batch=args.batch, opset=args.opset, signature=args.signature,
                    unsafe_load=args.unsafe_load, cache_dir=args.cache_dir,
@@ -139,7 +139,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         shutil.copyfile(conv.onnx_path, args.output)
         print(f"written   {args.output}")
     if not args.no_load:
-        from .worker_client import get_worker
+        from pytest_tf2cntk.cntk.client import get_worker
 
         loaded = get_worker(args.cntk_python).load(str(conv.onnx_path), device="cpu")
         print("cntk      loaded: inputs " + ", ".join(f"{i.name}{list(i.shape)}" for i in loaded.inputs)
@@ -148,7 +148,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from .reproducer import replay
+    from pytest_tf2cntk.parity.reproducer import replay
 
     result = replay(args.file, cntk_python=args.cntk_python, cache_dir=args.cache_dir)
     print(result)
@@ -158,7 +158,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .parity import check_parity
+    from pytest_tf2cntk.parity.engine import check_parity
 
     for device in args.device or ["cpu"]:  # argparse's append would add to a list default
         result = check_parity(args.model, device, args.max_examples, batch=args.batch, opset=args.opset,
@@ -175,7 +175,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _add_conversion_args(p: argparse.ArgumentParser) -> None:
-    from .conversion import DEFAULT_BATCH, DEFAULT_OPSET
+    from pytest_tf2cntk.convert.pipeline import DEFAULT_BATCH, DEFAULT_OPSET
 
     p.add_argument("model", help="SavedModel directory, .keras or .h5 file")
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH, help="fixed batch size (default %(default)s)")
@@ -233,7 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Subcommands that live with their module (each imports its heavy parts when it runs)."""
-    from . import calibrate, history, history_report, layerwise
+    from pytest_tf2cntk.parity import calibrate
+    from pytest_tf2cntk.history import store as history
+    from pytest_tf2cntk.history import report as history_report
+    from pytest_tf2cntk.parity.localize import scan as layerwise
 
     return [history.register_cli, history_report.register_cli, calibrate.register_cli,
             layerwise.register_cli]
