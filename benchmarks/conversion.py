@@ -64,7 +64,7 @@ def models() -> list[tuple[str, Callable[[], Path], int]]:
         out.append((name, lambda p=ROOT / "fixtures" / fx["file"]: p, batch))
 
     def mobilenet() -> Path:
-        from tests.zoo import application_model
+        from tests.support.zoo import application_model
         return application_model("mobilenetv2_96")
 
     out.append(("mobilenetv2_96", mobilenet, 1))

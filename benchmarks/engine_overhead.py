@@ -56,7 +56,7 @@ def log(msg: str) -> None:
 def models() -> list[tuple[str, Callable[[], Path], int]]:
     def zoo(name: str) -> Callable[[], Path]:
         def get() -> Path:
-            from tests.zoo import application_model
+            from tests.support.zoo import application_model
             return application_model(name)
         return get
 

@@ -39,7 +39,6 @@ import shutil
 import sys
 import tempfile
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,32 +50,28 @@ sys.path.insert(0, str(ROOT))  # tests.zoo builds the keras.applications models
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from pytest_tf2cntk.parity import budgets as budgets_mod
-from pytest_tf2cntk.convert import onnx_graph as og
 from pytest_tf2cntk.convert.pipeline import Conversion, convert
 from pytest_tf2cntk.parity.inputs import InputRecipe, materialize
-from pytest_tf2cntk.parity.engine import STAGE_CNTK, Evaluation, ParityEngine
+from pytest_tf2cntk.parity.options import Diagnose
+from pytest_tf2cntk.parity.engine import ParityEngine
+from pytest_tf2cntk.parity.options import ParityOptions
+from pytest_tf2cntk.parity.result import STAGE_CNTK, Evaluation
+from tests.support.faults import FIDELITY_KINDS as KINDS
+from tests.support.faults import Fault, fidelity_faults, sample_fidelity
 
 FIXTURES = ROOT / "fixtures"
+OFF = Diagnose.OFF
 RESULTS = Path(__file__).resolve().parent / "results"
 RULES = ("polygraphy", "torch", "tf2onnx")
 RULE_TITLES = {"engine": "engine (budget)", "polygraphy": "Polygraphy default",
                "torch": "torch.testing fp32", "tf2onnx": "tf2onnx tests"}
-WEIGHT_DELTAS = (1e-2, 1e-3, 1e-4)
-KINDS = ("weight 1e-2", "weight 1e-3", "weight 1e-4", "bias shift", "activation param", "pad shift",
-         "transpose swap", "drop node")
-
-
-def pad_shifts(pads: list[int], first_spatial: int = 0) -> list[list[int]]:
-    from tests.faults import pad_shifts as shifts
-
-    return shifts(pads, first_spatial)
 
 
 def zoo_calibrated(name: str) -> Path:
-    from tests.zoo import calibrated_model
+    from tests.support.zoo import calibrated_model
 
     return calibrated_model(name)
 
@@ -114,10 +109,10 @@ def judge(ev: Evaluation) -> dict[str, Any]:
     flags = [rule_flags(ev.tf[name], ev.cntk.get(name, np.zeros(0, np.float32))) for name in ev.tf]
     for rule in RULES:
         out[rule] = any(f[rule] for f in flags)
-    out["errors"] = {name: c.error for name, c in ev.checks.items()}
+    out["errors"] = {name: c.scaled_error for name, c in ev.checks.items()}
     out["budgets"] = {name: c.budget.value for name, c in ev.checks.items()}
-    out["max_abs"] = {name: c.target.max_abs for name, c in ev.checks.items()}
-    out["rms"] = {name: c.target.ref_scale for name, c in ev.checks.items()}
+    out["max_abs"] = {name: c.tf_vs_cntk.max_abs for name, c in ev.checks.items()}
+    out["rms"] = {name: c.tf_vs_cntk.ref_scale for name, c in ev.checks.items()}
     return out
 
 
@@ -165,7 +160,7 @@ def model_specs() -> list[ModelSpec]:
 
     def zoo(name: str) -> Callable[[], Path]:
         def get() -> Path:
-            from tests.zoo import application_model
+            from tests.support.zoo import application_model
             return application_model(name)
         return get
 
@@ -184,173 +179,6 @@ def graph_fingerprint(model: onnx.ModelProto) -> str:
     for data in sorted(numpy_helper.to_array(t).tobytes() for t in model.graph.initializer):
         h.update(data)
     return h.hexdigest()[:16]
-
-
-# ------------------------------------------------------------------------------------------------
-# mutations
-
-
-@dataclass
-class Mutation:
-    kind: str
-    target: str  # node name
-    detail: str
-    apply: Callable[[onnx.ModelProto], None]
-
-
-FLOAT = onnx.TensorProto.FLOAT
-
-
-def _node_by_name(model: onnx.ModelProto, name: str) -> onnx.NodeProto:
-    for node in model.graph.node:
-        if node.name == name:
-            return node
-    raise KeyError(name)
-
-
-def _set_input_value(model: onnx.ModelProto, node_name: str, index: int, fn: Callable) -> None:
-    """Replace the initializer feeding node.input[index] by fn(value), for this node only."""
-    node = _node_by_name(model, node_name)
-    inits = og.initializers(model)
-    old = inits[node.input[index]]
-    value = numpy_helper.to_array(old)
-    new_value = np.asarray(fn(value)).astype(value.dtype)
-    users = sum(1 for n in model.graph.node for i in n.input if i == old.name)
-    if users == 1:
-        old.CopyFrom(numpy_helper.from_array(new_value, old.name))
-        return
-    # shared constant (tf2onnx dedupes equal tensors): give this node its own copy
-    new_name = og.unique_name(model, old.name + "_mutated")
-    model.graph.initializer.append(numpy_helper.from_array(new_value, new_name))
-    if any(i.name == old.name for i in model.graph.input):  # old IR: initializers listed as inputs
-        model.graph.input.append(helper.make_tensor_value_info(new_name, old.data_type, list(old.dims)))
-    node.input[index] = new_name
-
-
-def _set_attr(node: onnx.NodeProto, name: str, value: Any) -> None:
-    from tests.faults import set_attr
-
-    set_attr(node, name, value)
-
-
-def _float_init(inits: dict, name: str, min_rank: int = 0) -> bool:
-    t = inits.get(name)
-    return t is not None and t.data_type == FLOAT and len(t.dims) >= min_rank and int(np.prod(t.dims)) > 0
-
-
-def candidates(model: onnx.ModelProto) -> dict[str, list[Mutation]]:
-    """Every applicable mutation of the graph, by kind (the caller samples a few)."""
-    inits = og.initializers(model)
-    shapes = og.infer_shapes(model)
-    types = og.elem_types(model)
-    out: dict[str, list[Mutation]] = {k: [] for k in KINDS}
-    weight_slots = {"Conv": (1,), "Gemm": (1,), "MatMul": (0, 1), "LSTM": (1, 2), "GRU": (1, 2),
-                    "RNN": (1, 2), "Gather": (0,), "ConvTranspose": (1,)}
-    bias_slots = {"Conv": (2,), "Gemm": (2,), "LSTM": (3,), "GRU": (3,), "RNN": (3,),
-                  "ConvTranspose": (2,), "Add": (0, 1), "Sub": (1,)}
-    for node in model.graph.node:
-        name = node.name
-        for idx in weight_slots.get(node.op_type, ()):
-            if idx < len(node.input) and _float_init(inits, node.input[idx], 2):
-                for d in WEIGHT_DELTAS:
-                    out[f"weight {d:.0e}".replace("e-0", "e-")].append(Mutation(
-                        f"weight {d:.0e}".replace("e-0", "e-"), name,
-                        f"{node.op_type} input {idx} ({node.input[idx]}) x (1{d:+.0e})",
-                        lambda m, n=name, i=idx, d=d: _set_input_value(m, n, i, lambda v: v * (1 + d))))
-        for idx in bias_slots.get(node.op_type, ()):
-            if idx < len(node.input) and _float_init(inits, node.input[idx]):
-                def shift(v: np.ndarray, key: str = f"{name}:{idx}") -> np.ndarray:
-                    rms = float(np.sqrt(np.mean(np.square(v.astype(np.float64)))))
-                    delta = 1e-3 * rms if rms > 1e-6 else 1e-3
-                    # random signs: a uniform shift would vanish under Softmax / normalization
-                    signs = np.random.default_rng(zlib.crc32(key.encode())).choice([-1.0, 1.0], v.shape)
-                    return v + delta * signs
-                out["bias shift"].append(Mutation(
-                    "bias shift", name, f"{node.op_type} input {idx} ({node.input[idx]}) += "
-                    "1e-3 x rms (or 1e-3) x random signs",
-                    lambda m, n=name, i=idx, f=shift: _set_input_value(m, n, i, f)))
-        if node.op_type == "Clip":
-            hi = og.attr(node, "max", None)
-            if hi is not None:
-                out["activation param"].append(Mutation(
-                    "activation param", name, f"Clip max {hi:g} -> {hi * 0.99:g}",
-                    lambda m, n=name, hi=hi: _set_attr(_node_by_name(m, n), "max", float(hi * 0.99))))
-        elif node.op_type in ("LeakyRelu", "Elu"):
-            alpha = og.attr(node, "alpha", 0.01 if node.op_type == "LeakyRelu" else 1.0)
-            out["activation param"].append(Mutation(
-                "activation param", name, f"{node.op_type} alpha {alpha:g} -> {alpha * 1.01:g}",
-                lambda m, n=name, a=alpha: _set_attr(_node_by_name(m, n), "alpha", float(a * 1.01))))
-        elif node.op_type == "Relu":
-            def to_leaky(m: onnx.ModelProto, n: str = name) -> None:
-                nd = _node_by_name(m, n)
-                nd.op_type = "LeakyRelu"
-                _set_attr(nd, "alpha", 0.01)
-            out["activation param"].append(Mutation("activation param", name, "Relu -> LeakyRelu(0.01)",
-                                                    to_leaky))
-        if node.op_type in ("Pad", "Conv", "MaxPool", "AveragePool"):
-            pads = og.attr(node, "pads", None)
-            if pads:
-                pads = list(pads)
-                first_spatial = 2 if node.op_type == "Pad" else 0
-                for new in pad_shifts(pads, first_spatial):
-                    out["pad shift"].append(Mutation(
-                        "pad shift", name, f"{node.op_type} pads {pads} -> {new}",
-                        lambda m, n=name, p=new: _set_attr(_node_by_name(m, n), "pads", p)))
-        if node.op_type == "Transpose":
-            perm = list(og.attr(node, "perm", []))
-            oshape = shapes.get(node.output[0])
-            if perm and oshape and None not in oshape:
-                for i in range(len(perm)):
-                    for j in range(i + 1, len(perm)):
-                        if oshape[i] == oshape[j] and oshape[i] > 1:
-                            new = list(perm)
-                            new[i], new[j] = new[j], new[i]
-                            out["transpose swap"].append(Mutation(
-                                "transpose swap", name, f"Transpose perm {perm} -> {new} "
-                                f"(output {list(oshape)})",
-                                lambda m, n=name, p=new: _set_attr(_node_by_name(m, n), "perm", p)))
-        if node.op_type in ("Relu", "Clip", "LeakyRelu", "Elu", "Tanh", "Sigmoid", "Add", "Sub", "Mul") \
-                and types.get(node.output[0]) == FLOAT:
-            oshape = shapes.get(node.output[0])
-            data = [i for i in node.input[:1 if node.op_type not in ("Add", "Sub", "Mul") else 2]
-                    if i and shapes.get(i) == oshape and oshape and None not in oshape]
-            data.sort(key=lambda i: i in inits)  # prefer a tensor over a constant
-            if data and data[0] not in inits:
-                keep = data[0]
-
-                def drop(m: onnx.ModelProto, n: str = name, keep: str = keep) -> None:
-                    nd = _node_by_name(m, n)
-                    nd.op_type = "Identity"
-                    del nd.input[:]
-                    nd.input.append(keep)
-                    del nd.attribute[:]
-                what = "bypass" if node.op_type in ("Add", "Sub", "Mul") else "remove"
-                out["drop node"].append(Mutation("drop node", name,
-                                                 f"{what} {node.op_type} (output := {keep})", drop))
-    return out
-
-
-def sample(cands: dict[str, list[Mutation]], per_kind: int, seed_text: str) -> list[Mutation]:
-    """Up to ``per_kind`` different targets per kind, chosen with a seeded RNG; for the weight
-    kinds the same tensors get all three deltas."""
-    chosen: list[Mutation] = []
-    weight_targets: list[str] | None = None
-    for kind in KINDS:
-        pool = cands[kind]
-        if not pool:
-            continue
-        if kind.startswith("weight"):
-            if weight_targets is None:
-                keys = sorted({m.detail.split(" x (")[0] + "|" + m.target for m in pool})
-                rng = np.random.default_rng(zlib.crc32(f"{seed_text}:weight".encode()))
-                weight_targets = [keys[i] for i in sorted(rng.choice(len(keys), min(per_kind, len(keys)),
-                                                                     replace=False))]
-            chosen += [m for m in pool if m.detail.split(" x (")[0] + "|" + m.target in weight_targets]
-        else:
-            rng = np.random.default_rng(zlib.crc32(f"{seed_text}:{kind}".encode()))
-            idx = sorted(rng.choice(len(pool), min(per_kind, len(pool)), replace=False))
-            chosen += [pool[i] for i in idx]
-    return chosen
 
 
 # ------------------------------------------------------------------------------------------------
@@ -375,7 +203,7 @@ def false_alarms(spec: ModelSpec, conv: Conversion, seeds: list[int], examples: 
         for s in seeds:
             evs: list[dict[str, Any]] = []
             with capture(engine, evs):
-                res = engine.run(max_examples=examples, seed=s, reproducer_dir=tmp / "repro", layerwise="off")
+                res = engine.run(max_examples=examples, seed=s, reproducer_dir=tmp / "repro", layerwise=OFF)
             run = {"seed": s, "engine_passed": res.passed, "examples": len(evs),
                    "flagged": {r: any(e[r] for e in evs) for r in ("engine",) + RULES},
                    "flagged_examples": {r: sum(e[r] for e in evs) for r in ("engine",) + RULES},
@@ -409,10 +237,10 @@ def evaluate_fixed(engine: ParityEngine, feeds: list[dict[str, np.ndarray]]) -> 
     return [engine.evaluate(f) for f in feeds]
 
 
-def run_mutation(spec: ModelSpec, conv: Conversion, mut: Mutation, index: int, seed: int,
+def run_mutation(spec: ModelSpec, conv: Conversion, mut: Fault, index: int, seed: int,
                  examples: int, feeds: list[dict[str, np.ndarray]],
                  baseline_cntk: list[dict[str, np.ndarray]], tmp: Path) -> dict[str, Any]:
-    rec: dict[str, Any] = {"model": spec.name, "kind": mut.kind, "target": mut.target,
+    rec: dict[str, Any] = {"model": spec.name, "kind": mut.kind, "target": mut.node,
                            "detail": mut.detail, "seed": seed}
     model = onnx.ModelProto()
     model.CopyFrom(conv.onnx_model)
@@ -427,13 +255,13 @@ def run_mutation(spec: ModelSpec, conv: Conversion, mut: Mutation, index: int, s
     started = time.perf_counter()
     try:
         try:
-            engine = ParityEngine(conv, cntk_onnx=str(path))
+            engine = ParityEngine(conv, options=ParityOptions(cntk_onnx=str(path)))
         except Exception as exc:  # noqa: BLE001 (whatever CNTK says, it refused the graph)
             rec.update(status="refused at load", message=f"{type(exc).__name__}: "
                        f"{str(exc).splitlines()[0] if str(exc) else ''}"[:300])
             return rec
         try:
-            res = engine.run(max_examples=examples, seed=seed, reproducer_dir=tmp / "repro", layerwise="off")
+            res = engine.run(max_examples=examples, seed=seed, reproducer_dir=tmp / "repro", layerwise=OFF)
             fixed = evaluate_fixed(engine, feeds)
         except Exception as exc:  # noqa: BLE001 (recorded, not detected)
             rec.update(status="error at eval", message=f"{type(exc).__name__}: {str(exc)[:300]}")
@@ -449,7 +277,7 @@ def run_mutation(spec: ModelSpec, conv: Conversion, mut: Mutation, index: int, s
     rec["engine"] = {"detected": not res.passed, "stages": stages,
                      "attribution_ok": (not failing) or stages == [STAGE_CNTK],
                      "examples": res.examples, "seconds": round(res.seconds, 3),
-                     "scaled_error": {k: c.error for k, c in res.outputs.items()},
+                     "scaled_error": {k: c.scaled_error for k, c in res.outputs.items()},
                      "budget": {k: c.budget.value for k, c in res.outputs.items()},
                      "reasons": {c.output: c.reasons for c in failing}}
     judged = [judge(ev) for ev in fixed]
@@ -475,14 +303,14 @@ def known_bad(spec: ModelSpec, conv: Conversion, seed: int, examples: int, nfixe
               tmp: Path) -> dict[str, Any]:
     engine = ParityEngine(conv)
     try:
-        res = engine.run(max_examples=examples, seed=seed, reproducer_dir=tmp / "repro", layerwise="off")
+        res = engine.run(max_examples=examples, seed=seed, reproducer_dir=tmp / "repro", layerwise=OFF)
         judged = [judge(ev) for ev in evaluate_fixed(engine, fixed_inputs(engine, nfixed))]
     finally:
         engine.close()
         shutil.rmtree(tmp / "repro", ignore_errors=True)
     return {"model": spec.name, "batch": conv.batch, "engine_detected": not res.passed,
             "stages": sorted({c.stage for c in res.failing_outputs}),
-            "scaled_error": {k: c.error for k, c in res.outputs.items()},
+            "scaled_error": {k: c.scaled_error for k, c in res.outputs.items()},
             "budget": {k: c.budget.value for k, c in res.outputs.items()},
             "fixed": {r: any(j[r] for j in judged) for r in ("engine",) + RULES}}
 
@@ -502,11 +330,11 @@ def engine_version() -> dict[str, Any]:
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    pkg = ROOT / "pytest_tf2cntk"
+    pkg = ROOT / "pytest_tf2cntk" / "parity"
     return {"commit": git("rev-parse", "--short", "HEAD"),
             "package_modified": bool(git("status", "--porcelain", "--", "pytest_tf2cntk")),
             **{f"{name}_sha256": hashlib.sha256((pkg / name).read_bytes()).hexdigest()[:12]
-               for name in ("budgets.py", "parity.py", "metrics.py")}}
+               for name in ("budgets.py", "engine.py", "result.py", "metrics.py")}}
 
 
 def pct(k: int, n: int) -> str:
@@ -691,7 +519,7 @@ def main() -> int:
                 log(f"  same graph and weights as {seen_graphs[fp]}: mutations not repeated")
                 continue
             seen_graphs[fp] = spec.name
-            muts = sample(candidates(conv.onnx_model), targets, spec.name)
+            muts = sample_fidelity(fidelity_faults(conv.onnx_model), targets, spec.name)
             base_engine = ParityEngine(conv)
             try:
                 feeds = fixed_inputs(base_engine, n_fixed)

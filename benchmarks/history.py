@@ -25,36 +25,30 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from pytest_tf2cntk.history import store as H
-from pytest_tf2cntk.history import report as R
-from pytest_tf2cntk.history.drift import DriftJudge
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # tests.support builds the synthetic records
 
-U32 = 2.0 ** -24
+from pytest_tf2cntk.history import report as R  # noqa: E402
+from pytest_tf2cntk.history import store as H  # noqa: E402
+from pytest_tf2cntk.history.drift import DriftJudge  # noqa: E402
+from pytest_tf2cntk.history.frame import load_history  # noqa: E402
+from pytest_tf2cntk.history.records import CheckRecord  # noqa: E402
+from pytest_tf2cntk.history.store import RunInfo  # noqa: E402
+from pytest_tf2cntk.parity.localize.report import LayerRow  # noqa: E402
+from tests.support.synthetic import VERSIONS, make_result  # noqa: E402
+
 MODELS = 10
 
 
-def result(model: str, errors: dict[str, float], budget: float = 1e-5) -> dict[str, Any]:
-    metrics = {"shape_ok": True, "max_abs": 0.0, "ref_scale": 0.5, "max_rel": 0.0, "max_ulp": 0.0, "cosine": 1.0,
-               "top1_agreement": 1.0}
-    outputs = {name: {"scaled_error": e, "passed": e <= budget, "headroom": budget / e, "stage": "none",
-                      "budget": {"value": budget, "unit_roundoff": U32, "overridden": False},
-                      "tf_vs_cntk": {**metrics, "max_abs": e * 0.5, "max_ulp": e / U32},
-                      "tf_vs_ort": metrics, "ort_vs_cntk": metrics} for name, e in errors.items()}
-    return {"model": model, "device": "cpu", "passed": True, "examples": 20, "outputs": outputs,
-            "versions": {"tensorflow": "2.21.0", "tf2onnx": "1.17.0", "cntk": "2.7", "python": "3.11.7"}}
-
-
-def one_run(rng: random.Random, outputs: int, i: int) -> tuple[dict, list[dict], list[dict]]:
+def one_run(rng: random.Random, outputs: int, i: int) -> tuple[RunInfo, list[CheckRecord], list[LayerRow]]:
     per_model = max(1, outputs // MODELS)
-    results = [result(f"models/model_{m}.keras",
-                      {f"out_{k}": 1e-7 * (1 + k) * math.exp(rng.gauss(0, 0.3)) for k in range(per_model)})
+    results = [make_result(f"models/model_{m}.keras",
+                           errors={f"out_{k}": 1e-7 * (1 + k) * math.exp(rng.gauss(0, 0.3)) for k in range(per_model)})
                for m in range(MODELS)]
-    layers = [{"model": f"models/model_{m}.keras", "device": "cpu", "node": f"node_{k}",
-               "op_type": ("Conv", "Gemm", "Relu", "Add", "Softmax")[k % 5], "tf_layer": f"layer_{k}",
-               "local_error": 1e-7 * math.exp(rng.gauss(0, 0.3)), "budget": 1e-5}
+    layers = [LayerRow(f"models/model_{m}.keras", "cpu", f"node_{k}", ("Conv", "Gemm", "Relu", "Add", "Softmax")[k % 5],
+                       f"layer_{k}", 1e-7 * math.exp(rng.gauss(0, 0.3)), 1e-5)
               for m in range(MODELS) for k in range(per_model)]
-    run = {"time": 1.7e9 + 3600 * i, "host": "bench", "git_commit": "%040x" % rng.getrandbits(160),
-           "versions": results[0]["versions"], "options": {"max_examples": 20}}
+    run = RunInfo(1.7e9 + 3600 * i, "bench", "%040x" % rng.getrandbits(160), dict(VERSIONS), {"max_examples": 20})
     return run, results, layers
 
 
@@ -85,9 +79,9 @@ def bench(runs: int, outputs: int, records: int) -> dict[str, Any]:
         out["build"] = {"runs": runs, "rows": runs * outputs, "seconds": time.perf_counter() - t0}
 
         # -- the report over runs x outputs rows (before the record timings add more)
-        rows = len(H.load_history(path))
+        rows = len(load_history(path))
         report: dict[str, Any] = {"rows": rows}
-        report["load_history"] = summary(timed(lambda: H.load_history(path), 5))
+        report["load_history"] = summary(timed(lambda: load_history(path), 5))
         report["drift_judge"] = summary(timed(lambda: DriftJudge(path, "latest"), 5))
         report["build_report"] = summary(timed(lambda: R.build_report(path), 3))
         rep = R.build_report(path)

@@ -43,14 +43,16 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 
-from pytest_tf2cntk.convert import onnxrt
-from pytest_tf2cntk.convert.pipeline import Conversion, convert  # noqa: E402
-from pytest_tf2cntk.parity.inputs import InputRecipe, materialize  # noqa: E402
-from pytest_tf2cntk.parity.localize.scan import CONFIRMED, localize  # noqa: E402
-from pytest_tf2cntk.parity.engine import ParityEngine  # noqa: E402
 from pytest_tf2cntk.cntk.client import CNTKWorker  # noqa: E402
-from tests.test_layerwise import KINDS, Fault, fault_candidates, feeds_for, pick  # noqa: E402
-from tests.zoo import application_model  # noqa: E402
+from pytest_tf2cntk.convert import onnxrt  # noqa: E402
+from pytest_tf2cntk.convert.pipeline import Conversion, convert  # noqa: E402
+from pytest_tf2cntk.parity.engine import ParityEngine  # noqa: E402
+from pytest_tf2cntk.parity.inputs import InputRecipe, materialize  # noqa: E402
+from pytest_tf2cntk.parity.localize.report import CONFIRMED  # noqa: E402
+from pytest_tf2cntk.parity.localize.scan import localize  # noqa: E402
+from tests.support.faults import LOCALIZATION_KINDS as KINDS  # noqa: E402
+from tests.support.faults import Fault, feeds_for, localization_faults, pick_localization  # noqa: E402
+from tests.support.zoo import application_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIXTURES = ROOT / "fixtures"
@@ -154,7 +156,7 @@ def active(conv: Conversion, fault: Fault, planted: onnx.ModelProto, feeds: dict
 def run_faults(name: str, conv: Conversion, per_kind: int, tmp: Path, worker: CNTKWorker) -> list[dict[str, Any]]:
     feeds = feeds_for(conv)
     rows = []
-    for k, fault in enumerate(pick(fault_candidates(conv.onnx_model, feeds), per_kind, name)):
+    for k, fault in enumerate(pick_localization(localization_faults(conv.onnx_model, feeds), per_kind, name)):
         planted = fault.planted(conv.onnx_model)
         path = tmp / f"{name}-{k}.onnx"
         onnx.save(planted, str(path))

@@ -1,23 +1,32 @@
-"""Every plugin option in one place: ``--tf2cntk-NAME`` on the command line, ``tf2cntk_NAME`` in
-the ini file, resolved once (command line over ini over default) into a frozen ``Settings``.
+"""Every option, declared once: its default, help, validator and the group it belongs to.
 
-Budgets and input ranges are tables, so they live in ``[tool.tf2cntk.budgets]`` and
-``[tool.tf2cntk.inputs]`` of pyproject.toml instead of ini lines. No pytest import here: the
-parser and config objects are passed in.
+One table feeds ``--tf2cntk-NAME`` on pytest's command line, its ini twin ``tf2cntk_NAME``, the
+key ``NAME`` of ``[tool.tf2cntk]`` in pyproject.toml and, for the groups a command takes, the
+``tf2cntk`` command's ``--NAME`` (after pytest-benchmark's ``add_*_options(prefix=...)`` and
+Polygraphy's argument groups). Precedence: command line, then ini, then ``[tool.tf2cntk]``,
+then the default. Budgets and input ranges are tables (``[tool.tf2cntk.budgets]``,
+``[tool.tf2cntk.inputs]``), validated here too. No pytest import: parsers are passed in.
 """
 from __future__ import annotations
 
+import argparse
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
-DEFAULT_DEVICES = "cpu,gpu"
+from pytest_tf2cntk.devices import normalize_device
+
+CONVERSION, CNTK, PARITY, HISTORY, PLUGIN = "conversion", "cntk", "parity", "history", "plugin"
+CALIBRATE, REPORT = "calibrate", "report"  # `tf2cntk calibrate` / `tf2cntk report` only: not pytest options
+TABLES = ("budgets", "inputs")  # [tool.tf2cntk.*] tables that are not options
+ROOT_MARKERS = ("pyproject.toml", "pytest.ini", "tox.ini", "setup.cfg", ".git")  # as pytest finds its rootdir
 
 
 @dataclass(frozen=True)
 class Option:
-    name: str  # dest and ini suffix
+    name: str  # dest, ini suffix and [tool.tf2cntk] key
     default: Any
     help: str
     kind: str = "str"  # str | int | float | bool | list
@@ -25,153 +34,339 @@ class Option:
     minimum: float | None = None  # numbers: the smallest value allowed
     strict: bool = False  # numbers: the value must be above ``minimum``, not equal to it
     shown: str | None = None  # the default as --help shows it, when the value itself says little
+    group: str = PLUGIN
+    pytest_flag: str | None = None  # when it differs from --tf2cntk-NAME
+
+    @property
+    def in_pytest(self) -> bool:
+        return self.group not in (CALIBRATE, REPORT)
 
     @property
     def flag(self) -> str:
-        return "--tf2cntk-" + self.name.replace("_", "-")
+        return self.pytest_flag or "--tf2cntk-" + self.name.replace("_", "-")
+
+    @property
+    def cli_flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
 
     @property
     def ini(self) -> str:
         return "tf2cntk_" + self.name
 
+    @property
+    def shown_default(self) -> str:
+        return str(self.shown if self.shown is not None else self.default)
+
+    def parse(self, raw: Any) -> Any:
+        """The value of ``raw`` (text or a TOML value); ValueError says what is allowed."""
+        if raw is None or raw == "":
+            return self.default
+        if self.kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError(f"must be true or false, not {raw!r}")
+            return text in ("1", "true", "yes", "on")
+        if self.kind == "list":
+            items = [raw] if isinstance(raw, str) else list(raw)
+            return tuple(str(i) for i in items)
+        if self.kind not in ("int", "float"):
+            return str(raw)
+        try:
+            value = int(raw) if self.kind == "int" else float(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"must be {'an integer' if self.kind == 'int' else 'a number'}, not {raw!r}") from None
+        if self.kind == "float" and not math.isfinite(value):
+            raise ValueError(f"must be a finite number, not {raw!r}")
+        if self.minimum is not None and (value <= self.minimum if self.strict else value < self.minimum):
+            raise ValueError(f"must be {'>' if self.strict else '>='} {self.minimum:g} (got {raw})")
+        return value
+
 
 OPTIONS: tuple[Option, ...] = (
     Option("models", (), "model to test: SavedModel dir, .keras or .h5 (repeatable; ini: one per line, "
-                         "relative to rootdir)", "list", "PATH"),
-    Option("devices", DEFAULT_DEVICES, "devices to test, comma separated: cpu, gpu, gpu:N", metavar="LIST"),
-    Option("max_examples", 20, "Hypothesis examples per model and device", "int", "N", minimum=1),
-    Option("batch", 1, "fixed batch size the model is converted and tested at", "int", "N", minimum=1),
-    Option("opset", 9, "ONNX opset for tf2onnx (CNTK 2.7 imports <= 9)", "int", "K", minimum=1),
+                         "relative to rootdir)", "list", "PATH", pytest_flag="--tf2cntk-model"),
+    Option("devices", "cpu,gpu", "devices to test, comma separated: cpu, gpu, gpu:N "
+                                 "(a device that cannot be used is skipped with the reason)", metavar="LIST",
+           group=PARITY),
+    Option("max_examples", 20, "Hypothesis examples per model and device", "int", "N", minimum=1, group=PARITY),
+    Option("batch", 1, "fixed batch size the model is converted and tested at", "int", "N", minimum=1,
+           group=CONVERSION),
+    Option("opset", 9, "ONNX opset for tf2onnx (CNTK 2.7 imports <= 9)", "int", "K", minimum=1,
+           group=CONVERSION),
     Option("seed", None, "Hypothesis seed (default: random locally, derandomized when $CI is set)",
-           "int", "N", minimum=0, shown="random"),
+           "int", "N", minimum=0, shown="random", group=PARITY),
     Option("budget_scale", 1.0, "multiply every tolerance budget by this factor", "float", "X",
-           minimum=0, strict=True),
+           minimum=0, strict=True, group=PARITY),
     Option("cntk_python", None, "python of the CNTK 2.7 environment (default: $TF2CNTK_CNTK_PYTHON, "
-                                "then the `tf2cntk setup` environment)", metavar="PATH"),
+                                "then the `tf2cntk setup` environment)", metavar="PATH", group=CNTK),
     Option("report", None, "write a JSON report of every conversion and parity check here",
            metavar="PATH"),
-    Option("unsafe_load", False, "allow Keras models with Lambda layers (runs their Python code)", "bool"),
+    Option("unsafe_load", False, "allow Keras models with Lambda layers (runs their Python code)", "bool",
+           group=CONVERSION),
     Option("cache_dir", None, "conversion cache (default: $TF2CNTK_CACHE_DIR or "
-                              "~/.cache/pytest-tf2cntk/conversions)", metavar="DIR"),
-    Option("signature", None, "SavedModel signature to test (default: serving_default)", metavar="NAME"),
-    Option("edge_values", False, "also generate zeros, range extremes, large and subnormal values", "bool"),
+                              "~/.cache/pytest-tf2cntk/conversions)", metavar="DIR", group=CONVERSION),
+    Option("signature", None, "SavedModel signature to test (default: serving_default)", metavar="NAME",
+           group=CONVERSION),
+    Option("edge_values", False, "begin with NaN/Inf-free edge patterns (zeros, range extremes, large and "
+                                 "subnormal values) on each input, then let Hypothesis mix them in", "bool",
+           group=PARITY),
     Option("timeout", 600.0, "seconds one CNTK call may take before the worker is replaced", "float", "S",
-           minimum=0),
+           minimum=0, strict=True, group=CNTK),
     Option("layerwise", False, "localize every parity check layer by layer, not only failures "
                                "(failures are always localized, within 120 s)", "bool"),
     Option("history", None, "SQLite run history (default: .tf2cntk/history.sqlite under the rootdir)",
-           metavar="PATH", shown=".tf2cntk/history.sqlite"),
+           metavar="PATH", shown=".tf2cntk/history.sqlite", group=HISTORY),
     Option("no_history", False, "do not record this run in the history", "bool"),
     Option("baseline", "latest", "run the drift is measured against: latest, a RUN_ID or a TAG",
-           metavar="SPEC"),
+           metavar="SPEC", group=HISTORY),
     Option("fail_on_drift", None, "fail an output whose error grew by more than FACTOR over the "
                                   "baseline (beyond run-to-run noise), even within budget", "float",
-           "FACTOR", minimum=1, shown="off"),
+           "FACTOR", minimum=1, strict=True, shown="off"),
+    Option("factor", 2.0, "error ratio that counts as drift (beyond the noise band)", "float", "X", minimum=1,
+           strict=True, group=REPORT),
+    Option("window", 10, "runs used to measure run-to-run noise", "int", "N", minimum=1, group=REPORT),
+    Option("seeds", 5, "Hypothesis seeds, one run each", "int", "N", minimum=1, group=CALIBRATE),
+    Option("examples", 40, "examples per seed", "int", "N", minimum=1, group=CALIBRATE),
+    Option("margin", 10.0, "proposed budget = margin x max observed error", "float", "X", minimum=0,
+           strict=True, group=CALIBRATE),
 )
+BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
+PYTEST_OPTIONS = tuple(o for o in OPTIONS if o.in_pytest)
+
+
+def default(name: str) -> Any:
+    """The one default of option ``name`` (dataclasses and signatures take it from here)."""
+    return BY_NAME[name].default
+
+
+def group(name: str) -> list[Option]:
+    return [o for o in OPTIONS if o.group == name]
+
+
+def parse_devices(text: str, source: str) -> tuple[str, ...]:
+    """'cpu, gpu:1' -> ('cpu', 'gpu:1'); ids keep the user's spelling ('gpu', 'gpu:1')."""
+    devices = [d.strip().lower() for d in str(text).split(",") if d.strip()]
+    try:
+        for d in devices:
+            normalize_device(d)
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
+    if not devices:
+        raise ValueError(f"{source}: no device given (use cpu, gpu or gpu:N)")
+    return tuple(dict.fromkeys(devices))
+
+
+
+# ---------------------------------------------------------------------------------------------
+# the plugin: pytest options and ini twins, resolved once into Settings
 
 
 @dataclass(frozen=True)
 class Settings:
     models: tuple[Path, ...] = ()
-    devices: tuple[str, ...] = ("cpu", "gpu")
-    max_examples: int = 20
-    batch: int = 1
-    opset: int = 9
-    seed: int | None = None
-    budget_scale: float = 1.0
-    cntk_python: str | None = None
-    report: Path | None = None
-    unsafe_load: bool = False
-    cache_dir: str | None = None
-    signature: str | None = None
-    edge_values: bool = False
-    timeout: float = 600.0
-    layerwise: bool = False
-    history: Path | None = None
-    no_history: bool = False
-    baseline: str = "latest"
-    fail_on_drift: float | None = None
+    devices: tuple[str, ...] = parse_devices(default("devices"), "default")
+    max_examples: int = default("max_examples")
+    batch: int = default("batch")
+    opset: int = default("opset")
+    seed: int | None = default("seed")
+    budget_scale: float = default("budget_scale")
+    cntk_python: str | None = default("cntk_python")
+    report: Path | None = default("report")
+    unsafe_load: bool = default("unsafe_load")
+    cache_dir: str | None = default("cache_dir")
+    signature: str | None = default("signature")
+    edge_values: bool = default("edge_values")
+    timeout: float = default("timeout")
+    layerwise: bool = default("layerwise")
+    history: Path | None = default("history")
+    no_history: bool = default("no_history")
+    baseline: str = default("baseline")
+    fail_on_drift: float | None = default("fail_on_drift")
     budgets: dict[str, Any] = field(default_factory=dict)  # [tool.tf2cntk.budgets]
     inputs: dict[str, tuple[float, float]] = field(default_factory=dict)  # [tool.tf2cntk.inputs]
+
+    def pick(self, names: list[Option] | tuple[str, ...]) -> dict[str, Any]:
+        """The values of some options, e.g. ``settings.pick(group(CONVERSION))``."""
+        return {(n.name if isinstance(n, Option) else n): getattr(self, n.name if isinstance(n, Option) else n)
+                for n in names}
 
 
 def register(parser: Any) -> None:
     """Add the options and their ini twins to a pytest parser."""
-    group = parser.getgroup("tf2cntk", "TensorFlow -> CNTK conversion parity (pytest-tf2cntk)")
-    for o in OPTIONS:
+    group_ = parser.getgroup("tf2cntk", "TensorFlow -> CNTK conversion parity (pytest-tf2cntk)")
+    for o in PYTEST_OPTIONS:
+        dest = f"tf2cntk_{o.name}"
         if o.kind == "bool":
-            group.addoption(o.flag, action="store_true", dest=f"tf2cntk_{o.name}", default=None,
-                            help=f"{o.help} (ini: {o.ini})")
+            group_.addoption(o.flag, action="store_true", dest=dest, default=None, help=f"{o.help} (ini: {o.ini})")
         elif o.kind == "list":
-            group.addoption("--tf2cntk-model", action="append", dest="tf2cntk_models", default=None,
-                            metavar=o.metavar, help=f"{o.help} (ini: {o.ini})")
+            group_.addoption(o.flag, action="append", dest=dest, default=None, metavar=o.metavar,
+                             help=f"{o.help} (ini: {o.ini})")
         else:
-            shown = o.shown if o.shown is not None else o.default
-            group.addoption(o.flag, dest=f"tf2cntk_{o.name}", default=None, metavar=o.metavar,
-                            help=f"{o.help} (default: {shown}; ini: {o.ini})")
-        ini_type = {"bool": "bool", "list": "linelist"}.get(o.kind, "string")
-        parser.addini(o.ini, help=o.help, type=ini_type, default=None if o.kind != "list" else [])
-
-
-def _convert(o: Option, raw: Any) -> Any:
-    if raw is None or raw == "":
-        return o.default
-    if o.kind == "bool":
-        return raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes", "on")
-    if o.kind not in ("int", "float"):
-        return raw
-    value = int(raw) if o.kind == "int" else float(raw)
-    if o.minimum is not None and (value <= o.minimum if o.strict else value < o.minimum):
-        raise ValueError(f"must be {'>' if o.strict else '>='} {o.minimum:g}")
-    return value
+            group_.addoption(o.flag, dest=dest, default=None, metavar=o.metavar,
+                             help=f"{o.help} (default: {o.shown_default}; ini: {o.ini})")
+        parser.addini(o.ini, help=o.help, type={"bool": "bool", "list": "linelist"}.get(o.kind, "string"),
+                      default=None if o.kind != "list" else [])
 
 
 def resolve(getoption: Callable[[str], Any], getini: Callable[[str], Any], rootdir: Path,
             pyproject: dict[str, Any] | None = None) -> Settings:
-    """Command line over ini over default. Raises ValueError naming the bad option."""
+    """Command line over ini over ``[tool.tf2cntk]`` over default. ValueError names the bad option."""
+    tool = tool_table(pyproject)
     values: dict[str, Any] = {}
-    for o in OPTIONS:
+    for o in PYTEST_OPTIONS:
         cli = getoption(f"tf2cntk_{o.name}")
         try:
             ini = getini(o.ini)
         except ValueError:
             ini = None
+        if ini == [] or ini == "":
+            ini = None
+        raw, source = next(((v, s) for v, s in ((cli, o.flag), (ini, f"ini option {o.ini}"),
+                                                (tool.get(o.name), f"[tool.tf2cntk] {o.name}"))
+                            if v is not None), (None, ""))
         try:
-            if o.kind == "list":
-                values[o.name] = tuple(cli) if cli else tuple(ini or ())
-            else:
-                values[o.name] = _convert(o, cli if cli is not None else ini)
+            values[o.name] = o.parse(raw)
         except ValueError as exc:
-            source = o.flag if cli is not None else f"ini option {o.ini}"
             raise ValueError(f"{source}: {exc}") from None
-    ini_models = not getoption("tf2cntk_models")
-    base = rootdir if ini_models else Path(os.getcwd())
-    values["models"] = tuple(Path(m) if Path(m).is_absolute() else base / m for m in values["models"])
-    from pytest_tf2cntk.devices import normalize_device
-
-    try:
-        devices = [d.strip().lower() for d in str(values["devices"]).split(",") if d.strip()]
-        for d in devices:
-            normalize_device(d)  # validates; ids keep the user's spelling ("gpu", "gpu:1")
-        values["devices"] = tuple(dict.fromkeys(devices))
-    except ValueError as exc:
-        raise ValueError(f"--tf2cntk-devices: {exc}") from None
+        if o.name == "models":  # ini and pyproject paths are relative to the rootdir
+            base = Path(os.getcwd()) if cli else rootdir
+            values["models"] = tuple(Path(m) if Path(m).is_absolute() else base / m for m in values["models"])
+    values["devices"] = parse_devices(values["devices"], "--tf2cntk-devices")
     if values["report"]:
         values["report"] = Path(values["report"])
-    history = Path(values["history"]) if values["history"] else rootdir / ".tf2cntk" / "history.sqlite"
-    values["history"] = history if history.is_absolute() else rootdir / history
-    tool = (pyproject or {}).get("tool", {}).get("tf2cntk", {})
-    values["budgets"] = dict(tool.get("budgets", {}))
-    values["inputs"] = {k: (float(v[0]), float(v[1])) for k, v in tool.get("inputs", {}).items()}
+    values["history"] = history_path(rootdir, values["history"])
+    values.update(project_tables(tool))
     return Settings(**values)
 
 
+def history_path(rootdir: Path, value: str | Path | None) -> Path:
+    path = Path(value) if value else Path(".tf2cntk") / "history.sqlite"
+    return path if path.is_absolute() else rootdir / path
+
+
+# ---------------------------------------------------------------------------------------------
+# pyproject.toml
+
+
+def find_rootdir(start: str | Path | None = None) -> Path:
+    """The nearest directory up from ``start`` holding a project marker (as pytest's rootdir)."""
+    here = Path(start or Path.cwd()).resolve()
+    for d in (here, *here.parents):
+        if any((d / m).exists() for m in ROOT_MARKERS):
+            return d
+    return here
+
+
 def read_pyproject(rootdir: Path) -> dict[str, Any]:
+    """The parsed pyproject.toml of ``rootdir`` ({} without one); ValueError for broken TOML."""
     import tomllib
 
     path = rootdir / "pyproject.toml"
     if not path.is_file():
         return {}
-    with open(path, "rb") as fh:
-        return tomllib.load(fh)
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path} is not valid TOML: {exc}") from None
 
+
+def tool_table(pyproject: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``[tool.tf2cntk]``, its keys checked against the option table."""
+    tool = dict((pyproject or {}).get("tool", {}).get("tf2cntk", {}) or {})
+    unknown = sorted(k for k in tool if k not in BY_NAME and k not in TABLES)
+    if unknown:
+        known = ", ".join(sorted(list(BY_NAME) + list(TABLES)))
+        raise ValueError(f"[tool.tf2cntk] has unknown key(s) {', '.join(unknown)} (known: {known})")
+    return tool
+
+
+def project_tables(tool: Mapping[str, Any]) -> dict[str, Any]:
+    """``budgets`` and ``inputs`` from ``[tool.tf2cntk]``, validated."""
+    return {"budgets": parse_budget_table(tool.get("budgets", {})),
+            "inputs": parse_input_ranges(tool.get("inputs", {}), "[tool.tf2cntk.inputs]")}
+
+
+def parse_input_ranges(table: Mapping[str, Any] | None, source: str) -> dict[str, tuple[float, float]]:
+    """``{name: [low, high]}`` with finite low < high."""
+    out = {}
+    for name, value in (table or {}).items():
+        try:
+            low, high = (float(v) for v in value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{source} {name} = {value!r}: expected [low, high], e.g. [0.0, 1.0]") from None
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise ValueError(f"{source} {name} = {value!r}: expected finite low < high")
+        out[str(name)] = (low, high)
+    return out
+
+
+def parse_budget_table(table: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``[tool.tf2cntk.budgets]``: positive numbers per op type (and headroom, scale,
+    noise_factor, floor_ulps), a sub-table ``outputs`` of positive numbers per output."""
+    out: dict[str, Any] = {}
+    for key, value in (table or {}).items():
+        if key == "outputs":
+            if not isinstance(value, Mapping):
+                raise ValueError("[tool.tf2cntk.budgets.outputs] must be a table of output = budget")
+            out[key] = {str(k): _positive(f"[tool.tf2cntk.budgets.outputs] {k}", v) for k, v in value.items()}
+        else:
+            out[str(key)] = _positive(f"[tool.tf2cntk.budgets] {key}", value)
+    return out
+
+
+def _positive(source: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{source} = {value!r}: expected a number >= 0")
+    return float(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# the tf2cntk command: the same options as --NAME, by group
+
+
+def selected(*picks: str, skip: tuple[str, ...] = ()) -> list[Option]:
+    """The options of the groups or names in ``picks`` (e.g. ``CONVERSION, "edge_values"``)."""
+    return [o for o in OPTIONS if (o.group in picks or o.name in picks) and o.name not in skip]
+
+
+def add_arguments(parser: argparse.ArgumentParser, *picks: str, skip: tuple[str, ...] = ()) -> None:
+    """Add options to a command's parser (``--batch``, ``--max-examples``, ...), by group or name.
+    Defaults stay None here so ``from_args`` can tell "not given" from the default."""
+    for o in selected(*picks, skip=skip):
+        if o.kind == "bool":
+            parser.add_argument(o.cli_flag, dest=o.name, action="store_true", default=None, help=o.help)
+        else:
+            parser.add_argument(o.cli_flag, dest=o.name, default=None, metavar=o.metavar, type=_argtype(o),
+                                help=f"{o.help} (default: {o.shown_default})")
+
+
+def _argtype(o: Option) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            return o.parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    parse.__name__ = o.kind  # argparse names the type in its error message
+    return parse
+
+
+def given(args: argparse.Namespace, *picks: str) -> dict[str, Any]:
+    """The options of ``picks`` that the command line set."""
+    return {o.name: getattr(args, o.name) for o in selected(*picks) if getattr(args, o.name, None) is not None}
+
+
+def from_args(args: argparse.Namespace, *picks: str, tool: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Values for a command: its arguments over ``[tool.tf2cntk]`` over the defaults."""
+    out = {}
+    for o in selected(*picks):
+        value = getattr(args, o.name, None)
+        if value is None:
+            try:
+                value = o.parse((tool or {}).get(o.name))
+            except ValueError as exc:
+                raise ValueError(f"[tool.tf2cntk] {o.name}: {exc}") from None
+        out[o.name] = value
+    return out

@@ -1,21 +1,44 @@
 """Shared fixtures: one conversion cache for the whole session (pytester subprocesses inherit it
-through $TF2CNTK_CACHE_DIR), fixture paths, a helper to plant faults in converted ONNX."""
+through $TF2CNTK_CACHE_DIR), a planted-fault helper, and the ``needs_cntk`` gate: a test that
+needs the CNTK worker fails under CI=true when the CNTK environment is missing (CI must have it)
+and is skipped elsewhere, with the reason and the fix."""
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-import onnx
+# loaded before pytester snapshots sys.modules (and drops what a test imported): numpy's and
+# protobuf's C extensions load once per process, a second import aborts the interpreter
+import numpy  # noqa: F401
+import onnx  # noqa: F401
 import pytest
-from onnx import numpy_helper
 
-ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT / "fixtures"
-# fixture -> batch it is tested at (the LSTM only imports correctly at batch 1)
-FIXTURE_MODELS = {"mlp.keras": 4, "mlp_legacy.h5": 4, "mlp_savedmodel": 4, "cnn_bn.keras": 4,
-                  "text_cnn.keras": 4, "two_io.keras": 4, "lstm.keras": 1}
+
+
+@functools.cache
+def cntk_unavailable() -> str:
+    """Why the CNTK worker cannot start here ("" when it can)."""
+    from pytest_tf2cntk.cntk import env
+    from pytest_tf2cntk.errors import Tf2CntkError
+
+    try:
+        python = env.resolve_cntk_python(None)
+    except Tf2CntkError as exc:
+        return str(exc)
+    ok, desc = env.mpi_status(env.mpi_compat_dir_for(python))
+    return "" if ok else f"OpenMPI compat: {desc} (fix: tf2cntk setup)"
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("needs_cntk") is None:
+        return
+    why = cntk_unavailable()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must have the CNTK environment: {why}", pytrace=False)
+        pytest.skip(f"no CNTK environment: {why}")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -30,19 +53,12 @@ def conversion_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
         os.environ["TF2CNTK_CACHE_DIR"] = old
 
 
-def scale_weight(model: onnx.ModelProto, factor: float, min_rank: int = 2) -> str:
-    """Multiply the first weight tensor of rank >= min_rank by ``factor``; return its name."""
-    for init in model.graph.initializer:
-        value = numpy_helper.to_array(init)
-        if value.ndim >= min_rank and value.dtype == np.float32:
-            init.CopyFrom(numpy_helper.from_array((value * factor).astype(np.float32), init.name))
-            return init.name
-    raise AssertionError("no weight tensor to mutate")
-
-
 @pytest.fixture
 def planted_fault(tmp_path: Path) -> Callable[[Path, float], Path]:
     """Write a copy of a converted ONNX file with one weight tensor scaled (a conversion bug)."""
+
+    from tests.support.faults import scale_weight
+
     def make(onnx_path: Path, factor: float = 1.01) -> Path:
         model = onnx.load(str(onnx_path))
         scale_weight(model, factor)
@@ -50,3 +66,4 @@ def planted_fault(tmp_path: Path) -> Callable[[Path, float], Path]:
         onnx.save(model, str(out))
         return out
     return make
+

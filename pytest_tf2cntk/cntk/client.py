@@ -15,13 +15,9 @@ raises ``ProtocolError`` instead of silently answering for a different model.
 from __future__ import annotations
 
 import atexit
-import collections
 import concurrent.futures
-import fcntl
 import itertools
 import os
-import select
-import signal
 import subprocess
 import threading
 import time
@@ -31,25 +27,24 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from pytest_tf2cntk.cntk import env as cntk_env
 from pytest_tf2cntk.cntk.env import resolve_cntk_python, worker_environ
-from pytest_tf2cntk.errors import (CNTKError, DeviceUnavailable, EnvironmentProblem, ProtocolError, WorkerCrashed,
-                     WorkerError, WorkerTimeout)
+from pytest_tf2cntk.cntk.process import (Deadline, StderrRing, WorkerProcess, describe_exit, environment_problem,
+                                         error_from_reply)
 from pytest_tf2cntk.cntk.worker import protocol
+from pytest_tf2cntk.errors import EnvironmentProblem, ProtocolError, WorkerCrashed, WorkerError, WorkerTimeout
 
 SERVER_SCRIPT = Path(__file__).resolve().parent / "worker" / "server.py"
 DEFAULT_TIMEOUT = 300.0   # load / eval / nodes
 PING_TIMEOUT = 30.0
 START_TIMEOUT = 120.0     # interpreter start + `import cntk` (about 0.5 s when warm)
 STDERR_LINES = 2000
-PIPE_SIZE = 1 << 20       # bigger pipes: fewer wake-ups per MiB of array data
 CRASH_TAIL_LINES = 20
 _MARK = "[tf2cntk]"  # the client's own lines in the stderr ring (start-up markers)
 
 
 @dataclass(frozen=True)
-class TensorInfo:
-    """One model input or output; ``shape`` has None for free (batch) dimensions."""
+class CntkTensor:
+    """One input or output of a model loaded in CNTK; ``shape`` has None for free (batch) dimensions."""
     name: str
     shape: tuple[int | None, ...]
     dtype: np.dtype
@@ -58,7 +53,7 @@ class TensorInfo:
     matched: str = ""   # how the ONNX name was tied to CNTK: "name", "order" or "cntk"
 
     @classmethod
-    def from_wire(cls, d: Mapping[str, Any]) -> TensorInfo:
+    def from_wire(cls, d: Mapping[str, Any]) -> CntkTensor:
         return cls(d["name"], tuple(d["shape"]), np.dtype(d["dtype"]), d.get("cntk_name", ""),
                    d.get("cntk_uid", ""), d.get("matched", ""))
 
@@ -72,8 +67,8 @@ class LoadedModel:
     handle: int
     path: str
     device: str
-    inputs: list[TensorInfo]
-    outputs: list[TensorInfo]
+    inputs: list[CntkTensor]
+    outputs: list[CntkTensor]
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -93,162 +88,8 @@ class NodeInfo:
     op_name: str
     is_block: bool
     inputs: list[str]            # uids of the variables it reads
-    outputs: list[TensorInfo]    # name = CNTK output name, cntk_uid = the output's uid
+    outputs: list[CntkTensor]    # name = CNTK output name, cntk_uid = the output's uid
     onnx_outputs: list[str]      # ONNX tensors of the (named) ONNX node it implements
-
-
-class _Deadline(Exception):
-    pass
-
-
-def describe_exit(returncode: int | None) -> str:
-    if returncode is None:
-        return "closed its output"
-    if returncode < 0:
-        try:
-            return f"was killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"was killed by signal {-returncode}"
-    return f"exited with code {returncode}"
-
-
-def environment_problem(python: Path, text: str, returncode: int | None) -> EnvironmentProblem:
-    """The start-up failure of a worker, named with its fix."""
-    return cntk_env.environment_problem(
-        python, text, f"The CNTK worker ({python}) {describe_exit(returncode)} before it was ready: {{last}}")
-
-
-def _error_from_reply(reply: Mapping[str, Any]) -> Exception:
-    kind = reply.get("type", "")
-    message = reply.get("message") or kind or "error"
-    detail = reply.get("detail", "")
-    if kind == "CNTKError":
-        return CNTKError(message, detail=detail)
-    if kind == "ProtocolError":
-        err: Exception = ProtocolError(message)
-    elif kind == "DeviceUnavailable":
-        err = DeviceUnavailable(message, hint="use device='cpu', or install cntk-gpu with "
-                                              "`tf2cntk setup --gpu` on a CUDA machine")
-    else:
-        err = WorkerError(f"{kind}: {message}")
-    err.detail = detail  # type: ignore[attr-defined]
-    return err
-
-
-class _StderrRing:
-    """Drains a worker's stderr on a thread into a bounded ring of lines."""
-
-    def __init__(self, maxlen: int) -> None:
-        self._lines: collections.deque[str] = collections.deque(maxlen=maxlen)
-        self._lock = threading.Lock()
-
-    def add(self, line: str) -> None:
-        with self._lock:
-            self._lines.append(line)
-
-    def tail(self, n: int) -> list[str]:
-        with self._lock:
-            lines = list(self._lines)
-        return lines[-n:] if n > 0 else []
-
-    def drain(self, fd: int) -> threading.Thread:
-        def run() -> None:
-            partial = b""
-            while True:
-                try:
-                    chunk = os.read(fd, 65536)
-                except OSError:
-                    chunk = b""
-                if not chunk:
-                    break
-                partial += chunk
-                *lines, partial = partial.split(b"\n")
-                for line in lines:
-                    self.add(line.decode("utf-8", "replace"))
-            if partial:
-                self.add(partial.decode("utf-8", "replace"))
-
-        thread = threading.Thread(target=run, name=f"tf2cntk-stderr-{fd}", daemon=True)
-        thread.start()
-        return thread
-
-
-class _Process:
-    """One running worker and its pipes."""
-
-    def __init__(self, popen: subprocess.Popen, drain: threading.Thread) -> None:
-        self.popen = popen
-        self.drain = drain
-        self.owner_pid = os.getpid()
-        self.stdin_fd = popen.stdin.fileno()
-        self.stdout_fd = popen.stdout.fileno()
-        self.deadline = 0.0
-        self.reader = protocol.FrameReader(self.recv_into)
-        self.hello: dict[str, Any] = {}
-        self.handles: dict[int, int] = {}   # client handle -> handle in this worker
-        for fd in (self.stdin_fd, self.stdout_fd):
-            try:
-                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-            except OSError:
-                pass  # above /proc/sys/fs/pipe-max-size: the default still works
-        os.set_blocking(self.stdin_fd, False)  # so a hung worker cannot block a write forever
-        # poll, not select: no FD_SETSIZE limit in processes with many open files
-        self._readable = select.poll()
-        self._readable.register(self.stdout_fd, select.POLLIN)
-        self._writable = select.poll()
-        self._writable.register(self.stdin_fd, select.POLLOUT)
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def _wait_ready(self, poller: select.poll) -> None:
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0 or not poller.poll(max(1, int(remaining * 1000 + 0.999))):
-            raise _Deadline
-
-    def recv_into(self, view: memoryview) -> int:
-        while True:
-            self._wait_ready(self._readable)
-            try:
-                return os.readv(self.stdout_fd, [view])
-            except BlockingIOError:
-                continue
-
-    def write(self, view: memoryview) -> int:
-        while True:
-            self._wait_ready(self._writable)
-            try:
-                return os.write(self.stdin_fd, view)
-            except BlockingIOError:
-                continue
-
-    def kill(self) -> int | None:
-        if self.owner_pid != os.getpid():
-            return None  # a forked child must not kill its parent's worker
-        if self.popen.poll() is None:
-            try:
-                self.popen.kill()
-            except ProcessLookupError:
-                pass
-        try:
-            return self.popen.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            return None
-        finally:
-            self.close_pipes()
-
-    def close_pipes(self) -> None:
-        for stream in (self.popen.stdin, self.popen.stdout):
-            try:
-                stream.close()
-            except OSError:
-                pass
-        self.drain.join(timeout=2)
-        try:
-            self.popen.stderr.close()
-        except OSError:
-            pass
 
 
 @dataclass
@@ -271,9 +112,9 @@ class CNTKWorker:
         self.timeout = timeout
         self.ping_timeout = ping_timeout
         self.start_timeout = start_timeout
-        self._ring = _StderrRing(stderr_lines)
+        self._ring = StderrRing(stderr_lines)
         self._lock = threading.RLock()
-        self._proc: _Process | None = None
+        self._proc: WorkerProcess | None = None
         self._python: Path | None = None
         self._ids = itertools.count(1)
         self._handles = itertools.count(1)
@@ -301,7 +142,7 @@ class CNTKWorker:
         proc = self._proc
         return proc is not None and proc.popen.poll() is None
 
-    def _ensure_started(self) -> _Process:
+    def _ensure_started(self) -> WorkerProcess:
         proc = self._proc
         if proc is not None and proc.owner_pid != os.getpid():
             self._proc = proc = None  # forked: the pipes belong to the parent
@@ -309,7 +150,7 @@ class CNTKWorker:
             proc = self._proc = self._start()
         return proc
 
-    def _start(self) -> _Process:
+    def _start(self) -> WorkerProcess:
         python = self.python
         self._ring.add(f"{_MARK} starting CNTK worker: {python} {SERVER_SCRIPT}")
         try:
@@ -322,7 +163,7 @@ class CNTKWorker:
                 f"Cannot start the CNTK Python interpreter {python}: {exc.strerror or exc}.",
                 hint="run `tf2cntk setup` (or point --tf2cntk-cntk-python at a working "
                      "interpreter)") from exc
-        proc = _Process(popen, self._ring.drain(popen.stderr.fileno()))
+        proc = WorkerProcess(popen, self._ring.drain(popen.stderr.fileno()))
         proc.deadline = time.monotonic() + self.start_timeout
         try:
             hello, _ = proc.reader.read_frame()
@@ -330,7 +171,7 @@ class CNTKWorker:
             returncode = proc.kill()
             self.last_exit = describe_exit(returncode)
             raise environment_problem(python, self._tail_since_start(), returncode) from None
-        except _Deadline:
+        except Deadline:
             proc.kill()
             raise WorkerTimeout(f"The CNTK worker ({python}) did not start within "
                                 f"{self.start_timeout:g} s.\n{self._tail_since_start()}",
@@ -357,7 +198,7 @@ class CNTKWorker:
                 break
         return "\n".join(ln for ln in lines if not ln.startswith(_MARK))
 
-    def _drop(self, proc: _Process, how: str) -> None:
+    def _drop(self, proc: WorkerProcess, how: str) -> None:
         if self._proc is proc:
             self._proc = None
         self.last_exit = how
@@ -430,7 +271,7 @@ class CNTKWorker:
         return self._roundtrip(proc, op, rid, timeout,
                                lambda: protocol.write_all(proc.write, buffers))
 
-    def _roundtrip(self, proc: _Process, op: str, rid: int | None, timeout: float,
+    def _roundtrip(self, proc: WorkerProcess, op: str, rid: int | None, timeout: float,
                    send: Callable[[], None], check: bool = True
                    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         proc.deadline = time.monotonic() + timeout
@@ -441,7 +282,7 @@ class CNTKWorker:
             except (BrokenPipeError, ConnectionResetError):
                 pass  # it died: reading its output reports how
             reply, arrays = proc.reader.read_frame()
-        except _Deadline:
+        except Deadline:
             returncode = proc.kill()
             self._drop(proc, f"timed out in {op} ({describe_exit(returncode)})")
             raise WorkerTimeout(
@@ -469,11 +310,11 @@ class CNTKWorker:
                                 f"{reply.get('id')!r} while {rid} ('{op}') was expected; it was "
                                 "killed.")
         if check and not reply.get("ok"):
-            raise _error_from_reply(reply)
+            raise error_from_reply(reply)
         reply.pop("arrays", None)  # framing detail, already decoded into `arrays`
         return reply, arrays
 
-    def _crashed(self, proc: _Process, op: str) -> WorkerCrashed:
+    def _crashed(self, proc: WorkerProcess, op: str) -> WorkerCrashed:
         try:
             returncode = proc.popen.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -516,6 +357,12 @@ class CNTKWorker:
         reply, _ = self.request("ping", timeout=self.ping_timeout if timeout is None else timeout)
         return reply
 
+    def versions(self) -> dict[str, str]:
+        """The CNTK side's versions for reports and the history: cntk, its numpy and Python."""
+        info = self.ping()
+        return {"cntk": str(info.get("cntk", "")), "cntk_numpy": str(info.get("numpy", "")),
+                "cntk_python": str(info.get("python", ""))}
+
     def echo(self, arrays: Mapping[str, Any], timeout: float | None = None,
              stdout_noise: str | None = None) -> dict[str, np.ndarray]:
         """The arrays as the worker received them, sent back (tests the framing).
@@ -532,8 +379,8 @@ class CNTKWorker:
                                       timeout)
             handle = next(self._handles)
             model = LoadedModel(handle, path, device,
-                                [TensorInfo.from_wire(d) for d in reply["inputs"]],
-                                [TensorInfo.from_wire(d) for d in reply["outputs"]],
+                                [CntkTensor.from_wire(d) for d in reply["inputs"]],
+                                [CntkTensor.from_wire(d) for d in reply["outputs"]],
                                 list(reply.get("notes", [])))
             self._models[handle] = _ModelRecord(path, device, model)
             self._ensure_started().handles[handle] = reply["handle"]
@@ -551,7 +398,7 @@ class CNTKWorker:
             reply, _ = self._exchange({"op": "load", "path": record.path,
                                        "device": record.device}, None, timeout)
             before = [t.signature() for t in record.model.inputs + record.model.outputs]
-            after = [TensorInfo.from_wire(d).signature()
+            after = [CntkTensor.from_wire(d).signature()
                      for d in reply["inputs"] + reply["outputs"]]
             if before != after:
                 raise ProtocolError(f"{record.path} changed since it was loaded (inputs/outputs "
@@ -604,7 +451,7 @@ class CNTKWorker:
             handle = self._worker_handle(model, timeout)
             reply, _ = self._exchange({"op": "nodes", "handle": handle}, None, timeout)
         return [NodeInfo(d["name"], d["uid"], d["op_name"], d["is_block"], list(d["inputs"]),
-                         [TensorInfo(o["name"], tuple(o["shape"]), np.dtype(o["dtype"]),
+                         [CntkTensor(o["name"], tuple(o["shape"]), np.dtype(o["dtype"]),
                                      o["name"], o["uid"], "cntk") for o in d["outputs"]],
                          list(d["onnx_outputs"])) for d in reply["nodes"]]
 

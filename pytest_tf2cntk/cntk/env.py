@@ -289,7 +289,8 @@ def setup(env_dir: Path | None = None, base_python: str | None = None, gpu: bool
             proof = prove(python)
         except EnvironmentProblem:
             proof = ""
-        if proof and (not gpu or installed_cntk_dist(python) == wanted):
+        if (proof and matches_lock(env_dir, gpu)
+                and (not gpu or installed_cntk_dist(python) == wanted)):
             return SetupResult(env_dir, python, proof, already_done=True)
     base = find_python36(base_python)
     log(f"using CPython 3.6 at {base}")
@@ -304,16 +305,120 @@ def setup(env_dir: Path | None = None, base_python: str | None = None, gpu: bool
                                      hint="install the venv module for Python 3.6 "
                                           "(e.g. python3.6-venv)")
     ensure_mpi_compat(compat, log)
-    other = "cntk" if gpu else "cntk-gpu"
-    if installed_cntk_dist(python) == other:
-        subprocess.run([str(python), "-m", "pip", "uninstall", "-y", "-q", other], check=False)
-    log(f"installing {wanted}=={CNTK_VERSION} (this takes a while the first time) ...")
-    done = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                           f"{wanted}=={CNTK_VERSION}"], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        tail = "\n".join(done.stderr.strip().splitlines()[-3:])
-        raise EnvironmentProblem(f"pip could not install {wanted}=={CNTK_VERSION}:\n{tail}",
-                                 hint=f"check network access to PyPI, then `{python} -m pip "
-                                      f"install {wanted}=={CNTK_VERSION}`")
+    install_locked(env_dir, wanted, log)
     proof = prove(python)
     return SetupResult(env_dir, python, proof, already_done=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lock files: the exact versions (with sha256 hashes) that setup installs. They ship beside this
+# module as package data, so `tf2cntk setup` after `pip install pytest-tf2cntk` needs no checkout;
+# `make lock` (locks/refresh.py) recreates them from cntk==CNTK_VERSION and its own ranges.
+
+LOCK_FILES = {"cntk": "lock-cntk.txt", "cntk-gpu": "lock-cntk-gpu.txt"}
+# Present in every venv from the base interpreter's ensurepip; the locks leave them alone.
+UNLOCKED_DISTS = ("pip", "setuptools", "wheel")
+
+
+def lock_file(dist: str) -> Path:
+    return Path(__file__).with_name(LOCK_FILES[dist])
+
+
+def canonical_name(name: str) -> str:
+    """PEP 503 form: lower case, runs of '-', '_' and '.' as one '-'."""
+    return "-".join(filter(None, name.lower().replace("_", "-").replace(".", "-").split("-")))
+
+
+def read_lock(path: Path) -> dict[str, str]:
+    """{canonical name: version} of a lock file's ``name==version`` lines (hash lines skipped)."""
+    pins: dict[str, str] = {}
+    for raw in path.read_text("utf-8").splitlines():
+        line = raw.split("#", 1)[0].strip().rstrip("\\").strip()
+        if not line or line.startswith("-"):
+            continue
+        name, sep, version = line.split(";", 1)[0].split()[0].partition("==")
+        if not sep:
+            raise EnvironmentProblem(f"{path}: {raw.strip()!r} is not pinned with ==",
+                                     hint="recreate the lock files with `make lock`")
+        pins[canonical_name(name)] = version
+    return pins
+
+
+def installed_versions(env_dir: Path) -> dict[str, str]:
+    """{canonical name: version} from the env's ``*.dist-info/METADATA``, read from here.
+
+    No interpreter starts, so setup's no-op path stays as fast as it was, and this is the true
+    version: pip 18.1 (Python 3.6's) reports cntk as 2.7, the name of its dist-info folder,
+    whose METADATA says 2.7.post2.
+    """
+    found: dict[str, str] = {}
+    pattern = os.path.join(str(env_dir), "lib", "python3*", "site-packages", "*.dist-info",
+                           "METADATA")
+    for meta in glob.glob(pattern):
+        name = version = None
+        try:
+            with open(meta, encoding="utf-8", errors="replace") as fh:
+                for line in fh:
+                    if not line.strip():
+                        break  # end of the headers
+                    key, _, value = line.partition(":")
+                    if key == "Name":
+                        name = value.strip()
+                    elif key == "Version":
+                        version = value.strip()
+        except OSError:
+            continue
+        if name and version:
+            found[canonical_name(name)] = version
+    return found
+
+
+def lock_differences(env_dir: Path, dist: str, lock: Path | None = None) -> list[str]:
+    """What in the env differs from ``dist``'s lock ("numpy 1.19.4 (lock 1.19.5)"); [] if none."""
+    installed = installed_versions(env_dir)
+    return [f"{name} {installed.get(name, 'missing')} (lock {version})"
+            for name, version in sorted(read_lock(lock or lock_file(dist)).items())
+            if installed.get(name) != version]
+
+
+def matches_lock(env_dir: Path, gpu: bool) -> bool:
+    """Setup's no-op check. Without --gpu a working cntk-gpu env is kept, held to its own lock."""
+    installed = installed_versions(env_dir)
+    dist = "cntk-gpu" if gpu or ("cntk-gpu" in installed and "cntk" not in installed) else "cntk"
+    return not lock_differences(env_dir, dist)
+
+
+def install_locked(env_dir: Path, dist: str, log: Callable[[str], None] = print,
+                   lock: Path | None = None) -> None:
+    """``pip install --require-hashes -r <dist's lock>`` in the env, then check what it left."""
+    python = env_python(env_dir)
+    lock = lock or lock_file(dist)
+    pins = read_lock(lock)
+    if pins.get(dist) != CNTK_VERSION:
+        raise EnvironmentProblem(f"{lock} pins {dist} {pins.get(dist, 'not at all')}, not "
+                                 f"{CNTK_VERSION}: the lock is stale.",
+                                 hint="recreate the lock files with `make lock`")
+    installed = installed_versions(env_dir)
+    other = "cntk" if dist == "cntk-gpu" else "cntk-gpu"
+    if other in installed:
+        subprocess.run([str(python), "-m", "pip", "uninstall", "-y", "-q", other], check=False,
+                       capture_output=True, env=worker_environ(python), cwd=str(env_dir))
+    drift = lock_differences(env_dir, dist, lock) if any(n in installed for n in pins) else []
+    if drift:
+        log(f"{env_dir} differs from {lock.name}: {', '.join(drift)}")
+    log(f"installing {dist}=={CNTK_VERSION} and its dependencies at the versions in {lock.name} "
+        "(this takes a while the first time) ...")
+    # cwd: pip 18.1 puts its working directory on sys.path and would see a checkout's egg-info.
+    done = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                           "--require-hashes", "-r", str(lock)], capture_output=True, text=True,
+                          check=False, env=worker_environ(python), cwd=str(env_dir))
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-3:])
+        raise EnvironmentProblem(f"pip could not install {lock}:\n{tail}",
+                                 hint=f"check network access to PyPI, then `{python} -m pip "
+                                      f"install --require-hashes -r {lock}`")
+    left = lock_differences(env_dir, dist, lock)
+    if left:
+        raise EnvironmentProblem(f"after installing {lock}, {env_dir} still differs from it: "
+                                 + ", ".join(left),
+                                 hint="`tf2cntk setup --force` rebuilds the environment")

@@ -12,13 +12,13 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
+from pytest_tf2cntk.versions import package_versions
+
 CACHE_FORMAT = "1"
 ENV_CACHE_DIR = "TF2CNTK_CACHE_DIR"
-_VERSIONED = ("tensorflow", "tensorflow-cpu", "keras", "tf2onnx", "onnx")
 
 
 def default_cache_dir() -> Path:
@@ -26,28 +26,6 @@ def default_cache_dir() -> Path:
         return Path(os.environ[ENV_CACHE_DIR])
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return cache / "pytest-tf2cntk" / "conversions"
-
-
-def package_versions(names: tuple[str, ...] = _VERSIONED) -> dict[str, str]:
-    """Installed versions without importing the packages (importing TF costs seconds)."""
-    out = {}
-    for name in names:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-HOST_PACKAGES = ("tensorflow", "tensorflow-cpu", "keras", "tf2onnx", "onnx", "onnxruntime", "numpy",
-                 "hypothesis")
-
-
-def host_versions() -> dict[str, str]:
-    """Versions of the host side for reports and the history: packages and Python."""
-    import platform
-
-    return {**package_versions(HOST_PACKAGES), "python": platform.python_version()}
 
 
 def hash_model_files(path: Path) -> str:

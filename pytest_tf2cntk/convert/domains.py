@@ -7,11 +7,11 @@ question it cannot answer.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
 
 import numpy as np
 import onnx
 
+from pytest_tf2cntk.codec import Jsonable
 from pytest_tf2cntk.convert import onnx_graph as og
 
 DEFAULT_FLOAT_RANGE = (-1.0, 1.0)
@@ -21,7 +21,7 @@ _INDEX_PASSTHROUGH = {"Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze", "Fl
 
 
 @dataclass(frozen=True)
-class InputDomain:
+class InputDomain(Jsonable):
     name: str
     dtype: str
     shape: tuple[int, ...]
@@ -30,9 +30,6 @@ class InputDomain:
     kind: str  # "float" | "int" | "index" | "bool"
     why: str = ""
 
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "low": self.low,
-                "high": self.high, "kind": self.kind, "why": self.why}
 
 
 def _gather_vocab(model: onnx.ModelProto, tensor: str) -> int | None:

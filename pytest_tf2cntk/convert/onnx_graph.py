@@ -141,7 +141,8 @@ def unique_name(model: onnx.ModelProto, base: str) -> str:
     return name
 
 
-def node_names_by_op(model: onnx.ModelProto) -> dict[str, int]:
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """How many nodes of each op type, sorted by op type."""
     counts: dict[str, int] = {}
     for node in model.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1

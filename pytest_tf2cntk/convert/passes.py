@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from pytest_tf2cntk.codec import Jsonable
 from pytest_tf2cntk.convert import onnx_graph as og
 from pytest_tf2cntk.convert.domains import derive_domains, random_feeds
 from pytest_tf2cntk.errors import PassMismatch
@@ -23,13 +24,10 @@ _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "Rando
 
 
 @dataclass(frozen=True)
-class PassRecord:
+class PassRecord(Jsonable):
     name: str
     changed: int
     proof: str  # how it was checked, e.g. "ORT max |diff| 0 on 2 inputs"
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "changed": self.changed, "proof": self.proof}
 
 
 def constants_to_initializers(model: onnx.ModelProto) -> int:
@@ -184,7 +182,7 @@ def run_passes(model: onnx.ModelProto, prove: bool = True, seed: int = 0,
         changed = fn(candidate)
         if not changed:
             continue
-        proof = "not proved (--no-prove)"
+        proof = "not proved (run_passes(prove=False))"
         if prove:
             worst = 0.0
             for f, before in zip(feeds, reference):
@@ -204,7 +202,8 @@ def run_passes(model: onnx.ModelProto, prove: bool = True, seed: int = 0,
                             f"Graph pass '{name}' changed output '{out}' (max |diff| {diff:.3g}, "
                             f"shapes {ref.shape} -> {got.shape}). This is a bug in pytest-tf2cntk's "
                             "pass, not in your model; the pass was not applied.",
-                            hint="report it with the model, and use --tf2cntk-no-passes meanwhile")
+                            hint="report it with the model; meanwhile the API's convert(path, apply_passes=False) "
+                                 "converts without the CNTK rewrites (CNTK may then refuse the graph)")
                     if got.size:
                         worst = max(worst, float(np.nanmax(np.abs(got.astype(np.float64) - ref))))
             proof = f"ORT max |diff| {worst:.3g} on {len(feeds)} inputs"

@@ -1,6 +1,7 @@
 """TF model -> validated, CNTK-ready ONNX: load, convert (tf2onnx), passes, validation, cache."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -10,14 +11,56 @@ from typing import Any, Callable
 
 import onnx
 
+from pytest_tf2cntk.codec import Jsonable
 from pytest_tf2cntk.convert.cache import ConversionCache
-from pytest_tf2cntk.errors import ConversionError, ModelLoadError, ValidationError
-from pytest_tf2cntk.convert.tf_model import TensorInfo, TFModel, load_tf_model
+from pytest_tf2cntk.convert.options import ConversionOptions
+from pytest_tf2cntk.convert.passes import PassRecord
+from pytest_tf2cntk.convert.tf_model import ModelTensor, TFModel, load_tf_model
 from pytest_tf2cntk.convert.validation import Problem
+from pytest_tf2cntk.errors import ConversionError, ModelLoadError, ValidationError
 
-DEFAULT_OPSET = 9
-DEFAULT_BATCH = 1
 CNTK_IR_VERSION = 4
+CONTROL_FLOW = {"Loop", "Scan", "If"}
+_ERRORS = {"ValidationError": ValidationError, "ConversionError": ConversionError, "ModelLoadError": ModelLoadError}
+
+
+@dataclass(frozen=True)
+class ConversionSummary(Jsonable):
+    """What a parity result records about the conversion it checked."""
+
+    onnx: str
+    cntk_onnx: str  # the graph CNTK evaluated (another file with ``cntk_onnx=``)
+    batch: int
+    opset: int
+    ops: dict[str, int]
+    passes: list[PassRecord]
+    warnings: list[Problem]
+    from_cache: bool
+    key: str
+
+
+@dataclass(frozen=True)
+class CacheMeta(Jsonable):
+    """meta.json of a cache entry: a conversion's facts, or the error it ended in."""
+
+    source: str
+    options: dict[str, Any]
+    inputs: list[ModelTensor] = field(default_factory=list)
+    outputs: list[ModelTensor] = field(default_factory=list)
+    ops: dict[str, int] = field(default_factory=dict)
+    passes: list[PassRecord] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+    error: dict[str, Any] | None = None  # type, message, hint, problems
+    onnx_sha256: str | None = None
+
+    def raise_error(self) -> None:
+        if not self.error:
+            return
+        err = self.error
+        exc = _ERRORS.get(err["type"], ConversionError)(err["message"], hint=err.get("hint"))
+        if isinstance(exc, ValidationError):
+            exc.problems = [Problem.from_json(p) for p in err.get("problems", [])]
+        raise exc
 
 
 @dataclass
@@ -26,20 +69,25 @@ class Conversion:
 
     source: Path
     onnx_path: Path
-    batch: int
-    opset: int
-    inputs: list[TensorInfo]
-    outputs: list[TensorInfo]
+    options: ConversionOptions
+    inputs: list[ModelTensor]
+    outputs: list[ModelTensor]
     ops: dict[str, int]
-    passes: list[dict[str, Any]]
-    warnings: list[dict[str, Any]]
+    passes: list[PassRecord]
+    warnings: list[Problem]
     from_cache: bool
     seconds: float
     key: str
-    signature: str | None = None
-    unsafe_load: bool = False
     _onnx: onnx.ModelProto | None = field(default=None, repr=False)
     _tf: TFModel | None = field(default=None, repr=False)
+
+    @property
+    def batch(self) -> int:
+        return self.options.batch
+
+    @property
+    def opset(self) -> int:
+        return self.options.opset
 
     @property
     def onnx_model(self) -> onnx.ModelProto:
@@ -51,8 +99,12 @@ class Conversion:
     def tf_model(self) -> TFModel:
         """Loaded on first use: a cache hit never pays for importing TensorFlow."""
         if self._tf is None:
-            self._tf = load_tf_model(self.source, self.signature, self.unsafe_load)
+            self._tf = load_tf_model(self.source, self.options.signature, self.options.unsafe_load)
         return self._tf
+
+    def summary(self, cntk_onnx: str | os.PathLike | None = None) -> ConversionSummary:
+        return ConversionSummary(str(self.onnx_path), str(cntk_onnx or self.onnx_path), self.batch, self.opset,
+                                 dict(self.ops), list(self.passes), list(self.warnings), self.from_cache, self.key)
 
     def report(self) -> str:
         lines = [f"model     {self.source}",
@@ -62,10 +114,8 @@ class Conversion:
                                           for i in self.inputs),
                  "outputs   " + ", ".join(f"{o.name}" for o in self.outputs),
                  "ops       " + ", ".join(f"{k} x{v}" for k, v in self.ops.items()),
-                 "passes    " + (", ".join(f"{p['name']} ({p['changed']})" for p in self.passes)
-                                 or "none needed")]
-        for w in self.warnings:
-            lines.append(f"warning   {Problem(**w)}")
+                 "passes    " + (", ".join(f"{p.name} ({p.changed})" for p in self.passes) or "none needed")]
+        lines += [f"warning   {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
@@ -118,7 +168,14 @@ def tf_to_onnx(model: TFModel, batch: int, opset: int, free_batch: bool = False)
         logger.removeHandler(capture)
         logger.setLevel(old_level)
         logger.propagate = old_propagate
-    # tf2onnx names outputs after TF tensors ("Identity:0"); use the model's output names.
+    _use_model_names(proto, model, batch if free_batch else None)
+    if opset <= 9:
+        proto.ir_version = min(proto.ir_version, CNTK_IR_VERSION)
+    return proto
+
+
+def _use_model_names(proto: onnx.ModelProto, model: TFModel, fix_batch: int | None) -> None:
+    """tf2onnx names tensors after TF's ("Identity:0"); use the model's names, fix a free batch."""
     from pytest_tf2cntk.convert.onnx_graph import rename_tensor
 
     for out, info in zip(list(proto.graph.output), model.outputs):
@@ -127,111 +184,109 @@ def tf_to_onnx(model: TFModel, batch: int, opset: int, free_batch: bool = False)
     for inp in proto.graph.input:
         if inp.name.endswith(":0"):
             rename_tensor(proto, inp.name, inp.name[:-2])
-    if free_batch:
-        for inp in proto.graph.input:
-            dims = inp.type.tensor_type.shape.dim
-            if dims and not dims[0].HasField("dim_value"):
-                dims[0].Clear()
-                dims[0].dim_value = batch
-    if opset <= 9:
-        proto.ir_version = min(proto.ir_version, CNTK_IR_VERSION)
-    return proto
-
-
-CONTROL_FLOW = {"Loop", "Scan", "If"}
+        dims = inp.type.tensor_type.shape.dim
+        if fix_batch and dims and not dims[0].HasField("dim_value"):
+            dims[0].Clear()
+            dims[0].dim_value = fix_batch
 
 
 def _has_control_flow(proto: onnx.ModelProto) -> bool:
     return any(n.op_type in CONTROL_FLOW for n in proto.graph.node)
 
 
-def convert(path: str | os.PathLike, *, batch: int = DEFAULT_BATCH, opset: int = DEFAULT_OPSET,
-            signature: str | None = None, unsafe_load: bool = False,
-            cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
+_DEFAULTS = ConversionOptions()  # from the option table
+
+
+def convert(path: str | os.PathLike, *, batch: int = _DEFAULTS.batch, opset: int = _DEFAULTS.opset,
+            signature: str | None = _DEFAULTS.signature, unsafe_load: bool = _DEFAULTS.unsafe_load,
+            cache_dir: str | os.PathLike | None = _DEFAULTS.cache_dir, use_cache: bool = True,
             apply_passes: bool = True, progress: Callable[[str], None] | None = None) -> Conversion:
     """Convert one model for CNTK. Raises ModelLoadError, ConversionError or ValidationError."""
-    from pytest_tf2cntk.convert.passes import run_passes
     from pytest_tf2cntk.convert.tf_model import detect_kind
-    from pytest_tf2cntk.convert.validation import validate
 
-    say = progress or (lambda _msg: None)
     source = Path(path)
     detect_kind(source)  # bad paths fail here, before any hashing or TF import
     if batch < 1:
         raise ModelLoadError(f"Batch size must be >= 1 (got {batch}).")
+    options = ConversionOptions(batch, opset, signature, unsafe_load, str(cache_dir) if cache_dir else None)
     cache = ConversionCache(Path(cache_dir) if cache_dir else None)
-    options = {"batch": batch, "opset": opset, "signature": signature, "passes": apply_passes,
-               "unsafe_load": unsafe_load}
-    key = cache.key(source, options, pipeline_fingerprint())
+    keyed = {"batch": batch, "opset": opset, "signature": signature, "passes": apply_passes,
+             "unsafe_load": unsafe_load}
+    key = cache.key(source, keyed, pipeline_fingerprint())
     started = time.perf_counter()
 
-    def from_entry(onnx_path: Path, meta: dict[str, Any], hit: bool) -> Conversion:
-        if meta.get("error"):
-            err = meta["error"]
-            cls = {"ValidationError": ValidationError, "ConversionError": ConversionError,
-                   "ModelLoadError": ModelLoadError}.get(err["type"], ConversionError)
-            exc = cls(err["message"], hint=err.get("hint"))
-            if isinstance(exc, ValidationError):
-                exc.problems = [Problem(**p) for p in err.get("problems", [])]
-            raise exc
-        return Conversion(source, onnx_path, batch, opset,
-                          [TensorInfo.from_json(i) for i in meta["inputs"]],
-                          [TensorInfo.from_json(o) for o in meta["outputs"]], meta["ops"],
-                          meta["passes"], meta["warnings"], hit, time.perf_counter() - started, key,
-                          signature, unsafe_load)
+    def from_entry(onnx_path: Path, meta: CacheMeta, hit: bool) -> Conversion:
+        meta.raise_error()
+        return Conversion(source, onnx_path, options, meta.inputs, meta.outputs, meta.ops, meta.passes,
+                          meta.warnings, hit, time.perf_counter() - started, key)
 
-    if use_cache:
-        hit = cache.get(key)
+    hit = _cached(cache, key) if use_cache else None
+    if hit:
+        return from_entry(*hit, hit=True)
+    with cache.lock(key):
+        hit = _cached(cache, key) if use_cache else None  # another process may have finished it
         if hit:
             return from_entry(*hit, hit=True)
-    with cache.lock(key):
-        if use_cache:  # another process may have finished it while we waited
-            hit = cache.get(key)
-            if hit:
-                return from_entry(*hit, hit=True)
-        say(f"converting {source} (batch {batch}, opset {opset}) ...")
+        (progress or (lambda _m: None))(f"converting {source} (batch {batch}, opset {opset}) ...")
         tf_model = load_tf_model(source, signature, unsafe_load)
-        meta: dict[str, Any] = {"source": str(source), "options": options,
-                                "inputs": [i.to_json() for i in tf_model.inputs],
-                                "outputs": [o.to_json() for o in tf_model.outputs]}
-        try:
-            proto = tf_to_onnx(tf_model, batch, opset)
-            records: list = []
-            if _has_control_flow(proto):
-                # Keras 3 LSTM becomes a Loop at batch 1 but an ONNX LSTM with a free batch:
-                # convert free, fix the batch in ONNX, and keep it if the Loop is gone.
-                free = tf_to_onnx(tf_model, batch, opset, free_batch=True)
-                if not _has_control_flow(free):
-                    from pytest_tf2cntk.convert.passes import PassRecord
-
-                    proto = free
-                    records.append(PassRecord("free_batch_conversion", 1,
-                                              "tf2onnx emitted Loop at a fixed batch; converted with "
-                                              "a free batch, then fixed it"))
-            if apply_passes:
-                say("applying CNTK compatibility passes ...")
-                proto, applied = run_passes(proto)
-                records += applied
-            warnings = validate(proto, str(source))
-        except (ConversionError, ValidationError) as exc:
-            meta["error"] = {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint,
-                             "problems": [p.to_json() for p in getattr(exc, "problems", [])]}
-            if use_cache:
-                cache.put(key, None, meta)
-            raise
-        from pytest_tf2cntk.convert.onnx_graph import node_names_by_op
-
-        meta.update(ops=node_names_by_op(proto), passes=[r.to_json() for r in records],
-                    warnings=[w.to_json() for w in warnings])
-        data = proto.SerializeToString()
-        if use_cache:
-            onnx_path = cache.put(key, data, meta)
-        else:
-            onnx_path = cache.root / "uncached" / f"{key}.onnx"
-            onnx_path.parent.mkdir(parents=True, exist_ok=True)
-            onnx_path.write_bytes(data)
+        proto, meta = _convert_fresh(source, tf_model, keyed, apply_passes, progress)
+        onnx_path = _store(cache, key, proto, meta, use_cache)
     result = from_entry(onnx_path, meta, hit=False)
     result._onnx, result._tf = proto, tf_model
     return result
 
 
+def _cached(cache: ConversionCache, key: str) -> tuple[Path, CacheMeta] | None:
+    entry = cache.get(key)
+    if entry is None:
+        return None
+    try:
+        return entry[0], CacheMeta.from_json(entry[1])
+    except (KeyError, TypeError, ValueError):  # an entry of an older layout: convert again
+        return None
+
+
+def _convert_fresh(source: Path, tf_model: TFModel, keyed: dict[str, Any], apply_passes: bool,
+                   progress: Callable[[str], None] | None) -> tuple[onnx.ModelProto | None, CacheMeta]:
+    """tf2onnx, the free-batch retry, the passes and validation; errors end up in the meta."""
+    from pytest_tf2cntk.convert.onnx_graph import op_counts
+    from pytest_tf2cntk.convert.passes import run_passes
+    from pytest_tf2cntk.convert.validation import validate
+
+    meta = CacheMeta(str(source), keyed, tf_model.inputs, tf_model.outputs)
+    batch, opset = keyed["batch"], keyed["opset"]
+    try:
+        proto = tf_to_onnx(tf_model, batch, opset)
+        records: list[PassRecord] = []
+        if _has_control_flow(proto):
+            # Keras 3 LSTM becomes a Loop at batch 1 but an ONNX LSTM with a free batch:
+            # convert free, fix the batch in ONNX, and keep it if the Loop is gone.
+            free = tf_to_onnx(tf_model, batch, opset, free_batch=True)
+            if not _has_control_flow(free):
+                proto = free
+                records.append(PassRecord("free_batch_conversion", 1, "tf2onnx emitted Loop at a fixed batch; "
+                                          "converted with a free batch, then fixed it"))
+        if apply_passes:
+            if progress:
+                progress("applying CNTK compatibility passes ...")
+            proto, applied = run_passes(proto)
+            records += applied
+        warnings = validate(proto, str(source))
+    except (ConversionError, ValidationError) as exc:
+        error = {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint,
+                 "problems": [p.to_json() for p in getattr(exc, "problems", [])]}
+        return None, dataclasses.replace(meta, error=error)
+    return proto, dataclasses.replace(meta, ops=op_counts(proto), passes=records, warnings=list(warnings))
+
+
+def _store(cache: ConversionCache, key: str, proto: onnx.ModelProto | None, meta: CacheMeta,
+           use_cache: bool) -> Path:
+    """Write the entry (a failed conversion is cached as its error, then raised by the caller)."""
+    data = proto.SerializeToString() if proto is not None else None
+    if use_cache:
+        return cache.put(key, data, meta.to_json())
+    onnx_path = cache.root / "uncached" / f"{key}.onnx"
+    if data is not None:
+        onnx_path.parent.mkdir(parents=True, exist_ok=True)
+        onnx_path.write_bytes(data)
+    return onnx_path

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from pytest_tf2cntk.codec import Jsonable
 from pytest_tf2cntk.errors import ModelLoadError
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -22,8 +23,8 @@ UNSAFE_HINT = "pass --tf2cntk-unsafe-load (API: unsafe_load=True) if you trust t
 
 
 @dataclass(frozen=True)
-class TensorInfo:
-    """One model input or output as the tests see it. ``shape[0]`` is the batch (None = free)."""
+class ModelTensor(Jsonable):
+    """One input or output of the TensorFlow model. ``shape[0]`` is the batch (None = free)."""
 
     name: str
     dtype: str  # numpy dtype name, e.g. "float32"
@@ -39,12 +40,6 @@ class TensorInfo:
                 "static shapes.", hint="give the model a fixed input shape (e.g. keras.Input(shape=...))")
         return tuple(int(d) for d in dims)  # type: ignore[arg-type]
 
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "TensorInfo":
-        return cls(d["name"], d["dtype"], tuple(d["shape"]))
 
 
 @dataclass
@@ -53,8 +48,8 @@ class TFModel:
 
     path: Path
     kind: str  # "savedmodel" | "keras" | "h5"
-    inputs: list[TensorInfo]
-    outputs: list[TensorInfo]
+    inputs: list[ModelTensor]
+    outputs: list[ModelTensor]
     obj: Any = field(repr=False)  # keras.Model or the SavedModel signature function
     _compiled: dict[tuple, Callable] = field(default_factory=dict, repr=False)
 
@@ -259,7 +254,7 @@ def _load_savedmodel(path: Path, signature: str) -> TFModel:
     return model
 
 
-def _tensor_info(name: str, dtype: Any, shape: Any, path: Path) -> TensorInfo:
+def _tensor_info(name: str, dtype: Any, shape: Any, path: Path) -> ModelTensor:
     import tensorflow as tf
 
     tf_dtype = tf.as_dtype(dtype)
@@ -268,5 +263,5 @@ def _tensor_info(name: str, dtype: Any, shape: Any, path: Path) -> TensorInfo:
         raise ModelLoadError(f"Tensor '{name}' of {path} has dtype {tf_dtype.name}; only numeric and "
                              "bool tensors can be compared (preprocess strings outside the model).")
     dims = tuple(None if d is None else int(d) for d in tuple(shape))
-    return TensorInfo(name.split(":")[0], tf_dtype.as_numpy_dtype.__name__
+    return ModelTensor(name.split(":")[0], tf_dtype.as_numpy_dtype.__name__
                       if tf_dtype != tf.bool else "bool", dims)

@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
+from pytest_tf2cntk.codec import Jsonable
 from pytest_tf2cntk.convert import onnx_graph as og
 from pytest_tf2cntk.errors import ValidationError
 
@@ -65,7 +66,7 @@ _INPUT_TYPES = _FLOAT_TYPES | {onnx.TensorProto.INT32, onnx.TensorProto.INT64, o
 
 
 @dataclass(frozen=True)
-class Problem:
+class Problem(Jsonable):
     node: str
     op_type: str
     tf_op: str
@@ -77,8 +78,6 @@ class Problem:
         where = f"{self.op_type} '{self.node}'" + (f" (TF: {self.tf_op})" if self.tf_op != self.node else "")
         return f"{self.severity}: {where}: {self.reason}; hint: {self.hint}"
 
-    def to_json(self) -> dict:
-        return dict(self.__dict__)
 
 
 Check = Callable[[onnx.NodeProto, "Context"], "str | None"]

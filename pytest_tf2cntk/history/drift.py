@@ -27,36 +27,23 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 from pytest_tf2cntk.errors import HistoryError
+from pytest_tf2cntk.history import store
+from pytest_tf2cntk.history.records import DriftVerdict
+from pytest_tf2cntk.options import default
+from pytest_tf2cntk.parity.localize.report import LayerRow
+from pytest_tf2cntk.parity.result import ParityResult
 
-DEFAULT_FACTOR = 2.0
-DEFAULT_WINDOW = 10
+DEFAULT_FACTOR = default("factor")
+DEFAULT_WINDOW = default("window")
 NOISE_SIGMAS = 3.0
 PRIOR_LOG_STD = math.log(2.5) / NOISE_SIGMAS  # until history shows otherwise, runs jitter up to 2.5x
 PRIOR_RUNS = 3.0  # ... a belief worth this many runs of evidence
 BUDGET_FLOOR_FRACTION = 1e-3
 EPSILON = 1e-12
-
-
-@dataclass(frozen=True)
-class DriftVerdict:
-    baseline_error: float | None  # None: no baseline for this output
-    ratio: float | None  # current / baseline, both floored
-    noise: float | None  # upper edge of the noise band, as a multiple of the baseline error
-    significant: bool
-    message: str
-    baseline_run: int | None = None
-    samples: int = 0  # runs in the noise window
-    threshold: float | None = None  # errors above this would be drift: max(factor x baseline, band)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"baseline_error": self.baseline_error, "ratio": self.ratio, "noise": self.noise,
-                "significant": self.significant, "message": self.message, "baseline_run": self.baseline_run,
-                "samples": self.samples, "threshold": self.threshold}
 
 
 def error_floor(unit_roundoff: float | None = None, budget: float | None = None) -> float:
@@ -123,14 +110,12 @@ def resolve_baseline(path: str | Path, spec: str | int, *, before: int | None = 
 
     An unknown run id or tag is a HistoryError: a typo must not silently turn drift checks off.
     """
-    from pytest_tf2cntk.history import store as history
-
     text = str(spec).strip()
     p = Path(path)
     if text.lower() == "latest":
         if not p.exists():
             return None
-        with history.reading(p) as con:
+        with store.reading(p) as con:
             if before is None:
                 row = con.execute("SELECT MAX(run_id) FROM runs").fetchone()
             else:
@@ -139,7 +124,7 @@ def resolve_baseline(path: str | Path, spec: str | int, *, before: int | None = 
     if not p.exists():
         raise HistoryError(f"baseline {text!r}: no history at {p}",
                            "record runs first (pytest with pytest-tf2cntk), or use --tf2cntk-baseline latest")
-    with history.reading(p) as con:
+    with store.reading(p) as con:
         if text.isdigit():
             if con.execute("SELECT 1 FROM runs WHERE run_id = ?", (int(text),)).fetchone() is None:
                 raise HistoryError(f"baseline run {text} is not in {p}", "`tf2cntk runs` lists the recorded runs")
@@ -177,14 +162,12 @@ class DriftJudge:
             self._load()
 
     def _load(self) -> None:
-        from pytest_tf2cntk.history import store as history
-
         def newest(table: str, key: str, cols: str) -> str:
             return (f"SELECT model, device, {key}, run_id, {cols} FROM (SELECT *, ROW_NUMBER() OVER "
                     f"(PARTITION BY model, device, {key} ORDER BY run_id DESC) AS k FROM {table} "
                     f"WHERE run_id <= ?) WHERE k <= ? ORDER BY model, device, {key}, run_id DESC")
 
-        with history.reading(self.path) as con:
+        with store.reading(self.path) as con:
             for m, d, o, run, err, budget, u in con.execute(
                     newest("results", "output", "scaled_error, budget, unit_roundoff"),
                     (self.baseline_run, self.window)):
@@ -218,16 +201,11 @@ class DriftJudge:
         return judge_errors(scaled_error, [r[1] for r in rows], factor=self.factor, floor=floor, label=label,
                             baseline_run=run)
 
-    def judge_result(self, result: dict[str, Any]) -> dict[str, DriftVerdict]:
-        """Every output of a ParityResult.to_json() dict (a skipped one has none)."""
-        out = {}
-        for name, o in (result.get("outputs") or {}).items():
-            b = o.get("budget")
-            info = b if isinstance(b, dict) else {"value": b}
-            out[name] = self.judge(str(result["model"]), str(result.get("device", "cpu")), name,
-                                   float(o["scaled_error"]), budget=info.get("value"),
-                                   unit_roundoff=info.get("unit_roundoff"))
-        return out
+    def judge_result(self, model: str, result: ParityResult) -> dict[str, DriftVerdict]:
+        """Every output of a parity result, ``model`` as the history names it."""
+        return {name: self.judge(model, result.device, name, o.scaled_error, budget=o.budget.value,
+                                 unit_roundoff=o.budget.unit_roundoff)
+                for name, o in result.outputs.items()}
 
     def judge_node(self, model: str, device: str, node: str, local_error: float, *,
                    budget: float | None = None) -> DriftVerdict:
@@ -240,13 +218,14 @@ class DriftJudge:
         return judge_errors(local_error, [r[1] for r in rows], factor=self.factor, floor=floor, label=label,
                             baseline_run=run)
 
-    def judge_layers(self, rows: Iterable[dict[str, Any]]) -> dict[tuple[str, str, str], DriftVerdict]:
+    def judge_layers(self, rows: Iterable[LayerRow]) -> dict[tuple[str, str, str], DriftVerdict]:
         """Per (model, device, op_type): the verdict of its most-drifted node."""
         worst: dict[tuple[str, str, str], DriftVerdict] = {}
         for r in rows:
-            v = self.judge_node(str(r["model"]), str(r.get("device", "cpu")), str(r["node"]),
-                                float(r["local_error"]), budget=r.get("budget"))
-            key = (str(r["model"]), str(r.get("device", "cpu")), str(r.get("op_type") or "?"))
+            if r.local_error is None:
+                continue
+            v = self.judge_node(r.model, r.device, r.node, r.local_error, budget=r.budget)
+            key = (r.model, r.device, r.op_type or "?")
             held = worst.get(key)
             if held is None or _rank(v) > _rank(held):
                 worst[key] = v

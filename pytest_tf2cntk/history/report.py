@@ -1,4 +1,4 @@
-"""`tf2cntk report`: the history as tables and plots (Markdown, HTML, CSV), and ``load_history``.
+"""`tf2cntk report`: the history as tables and plots (Markdown, HTML, CSV).
 
 Sections: each output's current error against its budget (headroom), drift against a baseline
 (drift.py's rule), the worst movers with the versions that changed since their baseline, per-op
@@ -11,101 +11,20 @@ line (log y), and headroom per op type. CSV is the current/drift table, or every
 """
 from __future__ import annotations
 
-import argparse
 import html
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_tf2cntk.history import store as history
+from pytest_tf2cntk.history import store
 from pytest_tf2cntk.history.drift import DEFAULT_FACTOR, DEFAULT_WINDOW, DriftJudge, error_floor
-from pytest_tf2cntk.errors import HistoryError
+from pytest_tf2cntk.history.frame import load_history, load_layers, load_runs, load_skips
+from pytest_tf2cntk.tables import markdown_table
 
 KEY = ["model", "device", "output"]
 MAX_PLOTS = 12  # error-over-runs panels: the most interesting outputs first
 MOVERS = 10
-_RUN_COLUMNS = ("run_id", "time", "time_unix", "host", "git_commit", "passed", "exitstatus", "duration")
-
-
-# ---------------------------------------------------------------------------------------------
-# loading
-
-
-def _filters(since: str | int | None, model: str | None, alias: str) -> tuple[str, list[Any]]:
-    clauses, params = [], []
-    if since is not None and str(since).strip():
-        text = str(since).strip()
-        if text.isdigit():
-            clauses.append("r.run_id >= ?")
-            params.append(int(text))
-        else:
-            try:
-                params.append(history.parse_time(text).timestamp())
-            except ValueError:
-                raise HistoryError(f"--since {text!r} is neither a run id nor a date",
-                                   "use a RUN_ID or a date such as 2025-01-31 or 2025-01-31T12:00") from None
-            clauses.append("r.time_unix >= ?")
-    if model:
-        clauses.append(f"instr(lower({alias}.model), lower(?)) > 0")
-        params.append(model)
-    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
-
-
-def _query(path: str | Path, sql: str, params: list[Any]) -> Any:
-    import pandas as pd
-
-    with history.reading(path) as con:
-        try:
-            return pd.read_sql_query(sql, con, params=params)
-        except pd.errors.DatabaseError as exc:  # pandas wraps sqlite3 errors in its own
-            raise HistoryError(f"history file {path} cannot be read: {exc}",
-                               f"move it aside (mv '{path}' '{path}.broken'); tf2cntk never overwrites it") from exc
-
-
-def _run_meta_sql() -> str:
-    cols = ", ".join(f"r.{c}" for c in ("time", "time_unix", "host", "git_commit") + history.VERSION_KEYS)
-    return (f"{cols}, r.passed AS run_passed, "
-            "(SELECT group_concat(name, ',') FROM tags t WHERE t.run_id = r.run_id) AS tags")
-
-
-def _finish(df: Any) -> Any:
-    import pandas as pd
-
-    df["time"] = pd.to_datetime(df["time"], utc=True, format="ISO8601")
-    df["tags"] = df["tags"].fillna("")
-    return df
-
-
-def load_history(path: str | Path, *, since: str | int | None = None, model: str | None = None) -> Any:
-    """pandas DataFrame, one row per run x model x device x output, oldest run first.
-
-    Columns: run_id, run metadata (time as UTC datetime, time_unix, host, git_commit, the version
-    keys, run_passed, tags), then model, device, output and every stored metric.
-    ``since``: a RUN_ID (that run and later) or a date; ``model``: substring, case-insensitive.
-    """
-    where, params = _filters(since, model, "x")
-    metrics = ", ".join(f"x.{c}" for c in history.RESULT_COLUMNS[1:])
-    sql = (f"SELECT x.run_id, {_run_meta_sql()}, {metrics} FROM results x JOIN runs r ON r.run_id = x.run_id"
-           f"{where} ORDER BY x.run_id, x.model, x.device, x.output")
-    df = _finish(_query(path, sql, params))
-    df["passed"] = df["passed"].astype(bool)
-    return df
-
-
-def load_layers(path: str | Path, *, since: str | int | None = None, model: str | None = None) -> Any:
-    """pandas DataFrame of layerwise rows (run x model x device x node) with run metadata."""
-    where, params = _filters(since, model, "x")
-    cols = ", ".join(f"x.{c}" for c in history.LAYER_COLUMNS[1:])
-    sql = (f"SELECT x.run_id, {_run_meta_sql()}, {cols} FROM layers x JOIN runs r ON r.run_id = x.run_id"
-           f"{where} ORDER BY x.run_id, x.model, x.device, x.node")
-    return _finish(_query(path, sql, params))
-
-
-def load_runs(path: str | Path) -> Any:
-    """pandas DataFrame, one row per run: metadata and versions (for what-changed columns)."""
-    cols = ", ".join(_RUN_COLUMNS + history.VERSION_KEYS)
-    return _query(path, f"SELECT {cols} FROM runs ORDER BY run_id", [])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,9 +72,7 @@ def build_report(path: str | Path, *, since: str | int | None = None, model: str
     by_id = runs.set_index("run_id")
     current["changed"] = [_changes(by_id, r, b) for r, b in zip(current["run_id"], current["baseline_run"])]
     layers = _layer_table(p, since, model, baseline, factor, window)
-    where, params = _filters(since, model, "s")
-    skips = _query(p, "SELECT s.run_id, s.model, s.device, s.reason FROM skips s JOIN runs r ON "
-                      f"r.run_id = s.run_id{where} ORDER BY s.run_id, s.model, s.device", params)
+    skips = load_skips(p, since=since, model=model)
     if not skips.empty:  # only the newest run's skips matter now
         skips = skips[skips["run_id"] == skips["run_id"].max()]
     return HistoryReport(p, str(baseline), float(factor), int(window), h, current, layers, skips, runs)
@@ -197,7 +114,7 @@ def _changes(by_id: Any, run_id: Any, base: Any) -> str:
     if int(base) not in by_id.index or int(run_id) not in by_id.index:
         return ""
     a, b = by_id.loc[int(base)], by_id.loc[int(run_id)]
-    out = [f"{k} {a[k]} -> {b[k]}" for k in history.VERSION_KEYS
+    out = [f"{k} {a[k]} -> {b[k]}" for k in store.VERSION_KEYS
            if (pd.notna(a[k]) or pd.notna(b[k])) and a[k] != b[k]]
     if pd.notna(a["git_commit"]) and pd.notna(b["git_commit"]) and a["git_commit"] != b["git_commit"]:
         out.append(f"commit {str(a['git_commit'])[:8]} -> {str(b['git_commit'])[:8]}")
@@ -393,11 +310,6 @@ def _summary_lines(rep: HistoryReport) -> list[str]:
     return lines
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    esc = [[c.replace("|", "\\|") for c in r] for r in rows]
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in esc]
-
-
 def _sections(rep: HistoryReport) -> list[tuple[str, list[tuple[str, str]], Any, str]]:
     secs = [("Current error vs budget", CURRENT_COLS, rep.current,
              "Each output's newest result; headroom = budget / error (below 1x fails)."),
@@ -418,7 +330,7 @@ def render_markdown(rep: HistoryReport) -> str:
     out = ["# tf2cntk history report", ""] + [f"- {line}" for line in _summary_lines(rep)]
     for title, cols, df, note in _sections(rep):
         out += ["", f"## {title}", ""] + ([note, ""] if note else [])
-        out += _md_table([HEADERS.get(c, c) for c, _ in cols], _cells(df, cols)) if not df.empty else ["(none)"]
+        out += markdown_table([HEADERS.get(c, c) for c, _ in cols], _cells(df, cols)) if not df.empty else ["(none)"]
     drifted = rep.drifted
     if not drifted.empty:
         out += ["", "## Drift details", ""] + [f"- {m}" + (f" (changed: {c})" if c else "")
@@ -490,55 +402,3 @@ def render_csv(rep: HistoryReport, all_runs: bool = False) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # CLI: tf2cntk report
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    path = history.history_path_of(args)
-    fmt = args.format or (Path(args.output).suffix.lstrip(".").lower() if args.output else "md")
-    fmt = {"markdown": "md", "htm": "html"}.get(fmt, fmt)
-    if fmt not in ("md", "html", "csv"):
-        raise HistoryError(f"unknown report format {fmt!r}", "use --format md, html or csv")
-    rep = build_report(path, since=args.since, model=args.model, baseline=args.baseline, factor=args.factor,
-                       window=args.window)
-    text = {"md": render_markdown, "html": render_html}[fmt](rep) if fmt != "csv" else render_csv(rep, args.all)
-    if args.output:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text, "utf-8")
-        print(f"tf2cntk report: {fmt} report of {len(rep.current)} outputs over "
-              f"{rep.history['run_id'].nunique()} runs written to {out} ({len(rep.drifted)} drifted)")
-    else:
-        print(text, end="")
-    return 0
-
-
-def _factor(text: str) -> float:
-    value = float(text)
-    if value <= 1:
-        raise argparse.ArgumentTypeError("must be > 1")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return value
-
-
-def register_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="tables and plots of the parity history: headroom, drift, worst movers")
-    history.add_history_arg(p)
-    p.add_argument("--format", choices=("md", "html", "csv"), default=None,
-                   help="default: from the -o suffix, else md")
-    p.add_argument("--since", default=None, metavar="DATE|RUN_ID", help="only runs from this date or run id on")
-    p.add_argument("--model", default=None, metavar="SUBSTR", help="only models whose path contains this")
-    p.add_argument("--baseline", default="latest", metavar="SPEC",
-                   help="latest (each output's previous run; default), a RUN_ID or a TAG")
-    p.add_argument("--factor", type=_factor, default=DEFAULT_FACTOR,
-                   help="error ratio that counts as drift (default %(default)s)")
-    p.add_argument("--window", type=_positive_int, default=DEFAULT_WINDOW,
-                   help="runs used to measure run-to-run noise (default %(default)s)")
-    p.add_argument("--all", action="store_true", help="csv: every run's rows, not just the current table")
-    p.add_argument("-o", "--output", default=None, metavar="FILE", help="write here (default: stdout)")
-    p.set_defaults(func=cmd_report)

@@ -34,7 +34,6 @@ to: identity is checked before anything (even the journal mode) is changed.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -43,11 +42,16 @@ import sqlite3
 import subprocess
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from pytest_tf2cntk.errors import HistoryError
+from pytest_tf2cntk.history.records import CheckRecord
+from pytest_tf2cntk.parity.localize.report import LayerRow
+from pytest_tf2cntk.parity.result import OutputCheck, ParityResult
+from pytest_tf2cntk.versions import host_versions
 
 APPLICATION_ID = 0x54463243  # "TF2C" in the SQLite header: tells our files from anyone else's
 SCHEMA_VERSION = 2
@@ -62,7 +66,6 @@ RESULT_COLUMNS = ("run_id", "model", "device", "output", "scaled_error", "budget
                   "max_rel", "max_ulp", "cosine", "top1", "stage", "passed", "examples", "unit_roundoff",
                   "budget_overridden", "converter_error", "importer_error")
 LAYER_COLUMNS = ("run_id", "model", "device", "node", "op_type", "tf_layer", "local_error", "budget")
-_ROOT_MARKERS = ("pyproject.toml", "pytest.ini", "tox.ini", "setup.cfg", ".git")
 
 T = TypeVar("T")
 
@@ -122,15 +125,6 @@ MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _migrate_0_to_
 
 def default_history_path(rootdir: str | Path) -> Path:
     return Path(rootdir) / DEFAULT_RELATIVE_PATH
-
-
-def find_rootdir(start: str | Path | None = None) -> Path:
-    """The nearest directory up from ``start`` holding a project marker (as pytest's rootdir)."""
-    here = Path(start or Path.cwd()).resolve()
-    for d in (here, *here.parents):
-        if any((d / m).exists() for m in _ROOT_MARKERS):
-            return d
-    return here
 
 
 def _is_locked(exc: BaseException) -> bool:
@@ -294,58 +288,53 @@ def git_commit(cwd: str | Path | None) -> str | None:
     return out if done.returncode == 0 and out and all(c in "0123456789abcdef" for c in out) else None
 
 
+@dataclass
+class RunInfo:
+    """One run's row: when, where, at which commit, with which versions and options."""
+
+    time: float
+    host: str
+    git_commit: str | None
+    versions: dict[str, str]
+    options: dict[str, Any] = field(default_factory=dict)
+    exitstatus: int | None = None
+    duration: float | None = None
+    passed: bool | None = None  # default: every check that ran passed
+
+
 def run_info(cwd: str | Path | None, *, options: dict[str, Any] | None = None,
-             results: Sequence[dict[str, Any]] = (), exitstatus: int | None = None,
-             duration: float | None = None, started: float | None = None) -> dict[str, Any]:
-    """The ``run`` dict for record_run: now, this host, the git commit of ``cwd``, versions.
+             results: Sequence[CheckRecord] = (), exitstatus: int | None = None,
+             duration: float | None = None, started: float | None = None) -> RunInfo:
+    """Now, this host, the git commit of ``cwd``, versions.
 
     Versions are the host's installed packages, overlaid with what a parity result measured
     (that is where the CNTK side's cntk/numpy/python come from: the worker reports them).
     """
-    from pytest_tf2cntk.convert.cache import host_versions
-
     versions = host_versions()
-    for r in results:
-        if r.get("versions"):
-            versions.update({k: str(v) for k, v in r["versions"].items()})
-            break
-    return {"time": time.time() if started is None else started, "host": socket.gethostname(),
-            "git_commit": git_commit(cwd), "versions": versions, "options": options or {},
-            "exitstatus": exitstatus, "duration": duration}
+    measured = next((r.result.versions for r in results if r.result is not None and r.result.versions), {})
+    versions.update({k: str(v) for k, v in measured.items()})
+    return RunInfo(time.time() if started is None else started, socket.gethostname(), git_commit(cwd), versions,
+                   options or {}, exitstatus, duration)
 
 
-def record_run(path: str | Path, run: dict[str, Any], results: Sequence[dict[str, Any]], *,
-               layerwise: Sequence[dict[str, Any]] | None = None) -> int:
-    """Store one run and its results (ParityResult.to_json() dicts) in one transaction; its run_id."""
-    versions = {str(k): str(v) for k, v in (run.get("versions") or {}).items()}
-    outputs: dict[tuple[str, str, str], tuple] = {}
-    skips: dict[tuple[str, str], str] = {}
-    for r in results:
-        if "skipped" in r:
-            skips[(str(r["model"]), str(r.get("device", "")))] = str(r["skipped"])
-            continue
-        for name, o in (r.get("outputs") or {}).items():
-            row = _result_row(r, str(name), o)
-            key = row[:3]
-            held = outputs.get(key)
-            if held is None or _worse(row[3], held[3]):  # the same output twice: the worst wins
-                outputs[key] = row
+def record_run(path: str | Path, run: RunInfo, results: Sequence[CheckRecord], *,
+               layerwise: Sequence[LayerRow] | None = None) -> int:
+    """Store one run and its checks in one transaction; its run_id."""
+    outputs, skips = _result_rows(results)
     nodes: dict[tuple[str, str, str], tuple] = {}
     for lw in layerwise or ():
-        row = (str(lw["model"]), str(lw.get("device", "cpu")), str(lw["node"]), lw.get("op_type"),
-               lw.get("tf_layer"), _num(lw.get("local_error")), _num(lw.get("budget")))
+        row = (lw.model, lw.device, lw.node, lw.op_type, lw.tf_layer, _num(lw.local_error), _num(lw.budget))
         held = nodes.get(row[:3])
-        if held is None or _worse(row[5], held[5]):
+        if held is None or _worse(row[5], held[5]):  # the same node twice: the worst wins
             nodes[row[:3]] = row
-    passed = run.get("passed")
-    checked = [r for r in results if "skipped" not in r]
+    passed = run.passed
+    checked = [r for r in results if r.result is not None]
     if passed is None and checked:
-        passed = all(r.get("passed", True) for r in checked)
-    when = run.get("time")
-    run_row = (_iso(when), _unix(when), run.get("host"), run.get("git_commit"),
-               None if passed is None else int(bool(passed)), run.get("exitstatus"), _num(run.get("duration")),
-               json.dumps(versions, sort_keys=True), json.dumps(run.get("options") or {}, default=str, sort_keys=True),
-               *(_version(versions, k) for k in VERSION_KEYS))
+        passed = all(r.result.passed for r in checked)
+    versions = {str(k): str(v) for k, v in run.versions.items()}
+    run_row = (_iso(run.time), _unix(run.time), run.host, run.git_commit, None if passed is None else int(bool(passed)),
+               run.exitstatus, _num(run.duration), json.dumps(versions, sort_keys=True),
+               json.dumps(run.options, default=str, sort_keys=True), *(_version(versions, k) for k in VERSION_KEYS))
     run_cols = ("time", "time_unix", "host", "git_commit", "passed", "exitstatus", "duration", "versions",
                 "options") + VERSION_KEYS
 
@@ -366,29 +355,28 @@ def record_run(path: str | Path, run: dict[str, Any], results: Sequence[dict[str
     return write(path, insert)
 
 
-def _result_row(r: dict[str, Any], name: str, o: dict[str, Any]) -> tuple:
-    t = o.get("tf_vs_cntk") or {}
-    b = o.get("budget")
-    budget = b.get("value") if isinstance(b, dict) else b
-    info = b if isinstance(b, dict) else {}
-    return (str(r["model"]), str(r.get("device", "cpu")), name, _num(o.get("scaled_error")), _num(budget),
-            _num(o.get("headroom")), _num(t.get("max_abs")), _num(t.get("max_rel")), _num(t.get("max_ulp")),
-            _num(t.get("cosine")), _num(t.get("top1_agreement")), o.get("stage"), int(bool(o.get("passed"))),
-            r.get("examples"), _num(info.get("unit_roundoff")),
-            None if "overridden" not in info else int(bool(info["overridden"])),
-            _scaled(o.get("tf_vs_ort")), _scaled(o.get("ort_vs_cntk")))
+def _result_rows(results: Sequence[CheckRecord]) -> tuple[dict[tuple[str, str, str], tuple], dict[tuple[str, str], str]]:
+    outputs: dict[tuple[str, str, str], tuple] = {}
+    skips: dict[tuple[str, str], str] = {}
+    for r in results:
+        if r.result is None:
+            skips[(r.model, r.device)] = r.skipped
+            continue
+        for name, o in r.result.outputs.items():
+            row = _result_row(r.model, r.result, name, o)
+            held = outputs.get(row[:3])
+            if held is None or _worse(row[3], held[3]):  # the same output twice: the worst wins
+                outputs[row[:3]] = row
+    return outputs, skips
 
 
-def _scaled(m: dict[str, Any] | None) -> float | None:
-    """The scaled error of a stage comparison (same formula as parity.scaled_error)."""
-    if not m:
-        return None
-    if not m.get("shape_ok", True):
-        return math.inf
-    abs_, scale = _num(m.get("max_abs")), _num(m.get("ref_scale"))
-    if abs_ is None or scale is None:
-        return None
-    return abs_ / scale if scale > 0 else (0.0 if abs_ == 0 else math.inf)
+def _result_row(model: str, r: ParityResult, name: str, o: OutputCheck) -> tuple:
+    t, b = o.tf_vs_cntk, o.budget
+    return (model, r.device, name, _num(o.scaled_error), _num(b.value), _num(o.headroom), _num(t.max_abs),
+            _num(t.max_rel), _num(t.max_ulp), _num(t.cosine), _num(t.top1_agreement), o.stage, int(o.passed),
+            r.examples, _num(b.unit_roundoff), int(bool(b.overridden)),
+            _num(o.tf_vs_ort.scaled_error) if o.tf_vs_ort else None,
+            _num(o.ort_vs_cntk.scaled_error) if o.ort_vs_cntk else None)
 
 
 def _worse(a: float | None, b: float | None) -> bool:
@@ -489,60 +477,3 @@ def list_runs(path: str | Path, limit: int | None = 20) -> list[dict[str, Any]]:
         rows = con.execute(sql, (int(limit),) if limit else ()).fetchall()
     keys = ("run_id", "time", "host", "git_commit", "passed", "outputs", "failed", "tags")
     return [dict(zip(keys, r)) for r in rows]
-
-
-def load_history(path: str | Path, **filters: Any) -> Any:
-    """pandas DataFrame, one row per run x model x device x output (see history_report)."""
-    from pytest_tf2cntk.history.report import load_history as load
-
-    return load(path, **filters)
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI: tf2cntk tag, tf2cntk runs
-
-
-def add_history_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--history", default=None, metavar="PATH",
-                   help=f"history file (default: {DEFAULT_RELATIVE_PATH} under the project root)")
-
-
-def history_path_of(args: argparse.Namespace) -> Path:
-    return Path(args.history) if args.history else default_history_path(find_rootdir())
-
-
-def cmd_tag(args: argparse.Namespace) -> int:
-    path = history_path_of(args)
-    old = tag_run(path, args.run_id, args.name)
-    moved = f" (moved from run {old})" if old is not None and old != args.run_id else ""
-    print(f"tagged run {args.run_id} as '{args.name.strip()}'{moved} in {path}")
-    return 0
-
-
-def cmd_runs(args: argparse.Namespace) -> int:
-    path = history_path_of(args)
-    rows = list_runs(path, args.limit)
-    if not rows:
-        print(f"no runs recorded in {path}")
-        return 0
-    table = [("run", "time (UTC)", "commit", "outputs", "failed", "tags")]
-    for r in rows:
-        table.append((str(r["run_id"]), str(r["time"])[:19], (r["git_commit"] or "-")[:10], str(r["outputs"]),
-                      str(r["failed"]), r["tags"] or ""))
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
-    return 0
-
-
-def register_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tag", help="name a recorded run (e.g. a release) to use it as a drift baseline")
-    p.add_argument("run_id", type=int, metavar="RUN_ID")
-    p.add_argument("name", metavar="NAME", help="tag name; an existing tag moves to this run")
-    add_history_arg(p)
-    p.set_defaults(func=cmd_tag)
-
-    p = sub.add_parser("runs", help="list the runs recorded in the history, newest first")
-    p.add_argument("-n", "--limit", type=int, default=20, help="how many (default %(default)s; 0: all)")
-    add_history_arg(p)
-    p.set_defaults(func=cmd_runs)

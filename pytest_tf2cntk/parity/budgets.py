@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from pytest_tf2cntk.codec import Jsonable
 from pytest_tf2cntk.convert import onnx_graph as og
 
 # ulps one application of the op may differ by between two correct implementations
@@ -56,7 +57,7 @@ UNIT_ROUNDOFF = {np.dtype(np.float16): 2.0 ** -11, np.dtype(np.float32): 2.0 ** 
 
 
 @dataclass(frozen=True)
-class BudgetConfig:
+class BudgetConfig(Jsonable):
     """User overrides: ulps per op type, a fixed budget per output, a global scale."""
 
     op_ulps: dict[str, float] = field(default_factory=dict)
@@ -72,6 +73,9 @@ class BudgetConfig:
         headroom = float(data.pop("headroom", DEFAULT_HEADROOM))
         scale = scale * float(data.pop("scale", 1.0))
         return cls({str(k): float(v) for k, v in data.items()}, outputs, scale, headroom)
+
+    def scaled(self, factor: float) -> "BudgetConfig":
+        return BudgetConfig(self.op_ulps, self.outputs, self.scale * factor, self.headroom)
 
     def ulps(self, op_type: str) -> float:
         if op_type in self.op_ulps:
@@ -92,7 +96,7 @@ class NodeTerm:
 
 
 @dataclass(frozen=True)
-class OutputBudget:
+class OutputBudget(Jsonable):
     output: str
     value: float  # allowed scaled error max|err| / rms(ref)
     unit_roundoff: float
@@ -106,11 +110,6 @@ class OutputBudget:
             return f"{self.value:.3g} (set in [tool.tf2cntk.budgets.outputs])"
         share = ", ".join(f"{op} {frac:.0%}" for op, frac in self.dominant)
         return f"{self.value:.3g} from {self.terms} rounding ops ({share})"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"output": self.output, "value": self.value, "terms": self.terms,
-                "dominant": [list(d) for d in self.dominant], "overridden": self.overridden,
-                "unknown_ops": list(self.unknown_ops), "unit_roundoff": self.unit_roundoff}
 
 
 def reduction_length(node: onnx.NodeProto, shapes: dict[str, tuple]) -> int:

@@ -13,25 +13,34 @@ An output with a non-finite error (shape or NaN/Inf mismatch) gets no proposal: 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
-from pytest_tf2cntk.errors import Tf2CntkError
+import numpy as np
 
-DEFAULT_MARGIN = 10.0
-DEFAULT_SEEDS = 5
-DEFAULT_EXAMPLES = 40
+from pytest_tf2cntk.codec import Jsonable
+from pytest_tf2cntk.convert.options import ConversionOptions
+from pytest_tf2cntk.convert.pipeline import convert
+from pytest_tf2cntk.errors import Tf2CntkError
+from pytest_tf2cntk.options import default
+from pytest_tf2cntk.parity.budgets import BudgetConfig, output_budgets
+from pytest_tf2cntk.parity.engine import ParityEngine
+from pytest_tf2cntk.parity.inputs import inputs_strategy, materialize
+from pytest_tf2cntk.parity.options import ParityOptions
+from pytest_tf2cntk.tables import text_table
+
+DEFAULT_MARGIN = default("margin")
+DEFAULT_SEEDS = default("seeds")
+DEFAULT_EXAMPLES = default("examples")
 
 
 @dataclass
-class OutputCalibration:
+class OutputCalibration(Jsonable):
+    JSON_EXTRA = ("n", "median", "p99", "max", "proposed")
     output: str
     errors: list[float]  # every example's scaled error, all seeds
     seed_max: list[float]  # worst error of each seed: how stable the maximum is
@@ -54,8 +63,6 @@ class OutputCalibration:
         return max(self.errors) if self.errors else math.nan
 
     def quantile(self, q: float) -> float:
-        import numpy as np
-
         return float(np.quantile(self.finite, q)) if self.finite else math.nan
 
     @property
@@ -64,16 +71,22 @@ class OutputCalibration:
             return None
         return round_up(self.margin * max(self.max, self.unit_roundoff))
 
-    def to_json(self) -> dict[str, Any]:
-        return {"output": self.output, "n": len(self.errors), "median": self.quantile(0.5),
-                "p99": self.quantile(0.99), "max": self.max, "seed_max": self.seed_max,
-                "default_budget": self.default_budget, "configured_budget": self.configured_budget,
-                "unit_roundoff": self.unit_roundoff, "margin": self.margin, "proposed": self.proposed,
-                "nan_mismatches": self.nan_mismatches}
+    @property
+    def n(self) -> int:
+        return len(self.errors)
+
+    @property
+    def median(self) -> float:
+        return self.quantile(0.5)
+
+    @property
+    def p99(self) -> float:
+        return self.quantile(0.99)
 
 
 @dataclass
-class Calibration:
+class Calibration(Jsonable):
+    JSON_EXTRA = ("overrides",)
     model: str
     device: str
     batch: int
@@ -87,6 +100,7 @@ class Calibration:
     def evaluations(self) -> int:
         return max((len(o.errors) for o in self.outputs.values()), default=0)
 
+    @property
     def overrides(self) -> dict[str, float]:
         return {name: o.proposed for name, o in self.outputs.items() if o.proposed is not None}
 
@@ -106,8 +120,7 @@ class Calibration:
                           "-" if p is None else f"{p:.2g}",
                           "-" if p is None else f"{p / o.default_budget:.3g}x "
                           f"({'tighter' if p < o.default_budget else 'looser'})"))
-        widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-        lines += ["# " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in table]
+        lines += text_table(table, prefix="# ")
         for o in self.outputs.values():
             if not o.usable:
                 lines.append(f"# {o.output}: no proposal: {len(o.errors) - len(o.finite)} example(s) with a "
@@ -118,13 +131,9 @@ class Calibration:
         lines += ["#", "# Paste into pyproject.toml (merge keys if the table exists). Output budgets apply to every",
                   "# model with an output of that name; per test: @pytest.mark.tf2cntk(budgets={'outputs': {...}})",
                   "[tool.tf2cntk.budgets.outputs]"]
-        lines += [f"{json.dumps(name)} = {value:.2g}" for name, value in self.overrides().items()]
+        lines += [f"{json.dumps(name)} = {value:.2g}" for name, value in self.overrides.items()]
         return "\n".join(lines) + "\n"
 
-    def to_json(self) -> dict[str, Any]:
-        return {"model": self.model, "device": self.device, "batch": self.batch, "seeds": self.seeds,
-                "examples": self.examples, "margin": self.margin, "seconds": self.seconds,
-                "outputs": {k: v.to_json() for k, v in self.outputs.items()}, "overrides": self.overrides()}
 
 
 def round_up(x: float, digits: int = 2) -> float:
@@ -135,9 +144,8 @@ def round_up(x: float, digits: int = 2) -> float:
     return float(f"{math.ceil(x / q - 1e-9) * q:.{digits}g}")
 
 
-def calibrate(model: str | os.PathLike, *, device: str = "cpu", batch: int = 1, seeds: int = DEFAULT_SEEDS,
-              examples: int = DEFAULT_EXAMPLES, margin: float = DEFAULT_MARGIN, opset: int = 9,
-              signature: str | None = None, unsafe_load: bool = False, cache_dir: str | os.PathLike | None = None,
+def calibrate(model: str | os.PathLike, *, device: str = "cpu", conversion: ConversionOptions | None = None,
+              seeds: int = DEFAULT_SEEDS, examples: int = DEFAULT_EXAMPLES, margin: float = DEFAULT_MARGIN,
               cntk_python: str | None = None, budgets: dict[str, Any] | None = None,
               inputs: dict[str, tuple[float, float]] | None = None, edge_values: bool = False,
               progress: Callable[[str], None] | None = None) -> Calibration:
@@ -146,48 +154,24 @@ def calibrate(model: str | os.PathLike, *, device: str = "cpu", batch: int = 1, 
     ``budgets``/``inputs``: the project's ``[tool.tf2cntk.budgets]`` / ``[tool.tf2cntk.inputs]``,
     so the inputs match the tests' and the "configured" column shows today's budget.
     """
-    import numpy as np
-    from hypothesis import HealthCheck, Phase, given, settings
-    from hypothesis import seed as hyp_seed
-
-    from pytest_tf2cntk.parity.budgets import BudgetConfig, output_budgets
-    from pytest_tf2cntk.convert.pipeline import convert
-    from pytest_tf2cntk.parity.inputs import inputs_strategy, materialize
-    from pytest_tf2cntk.parity.engine import ParityEngine
-
     if seeds < 1 or examples < 1 or margin <= 0:
         raise Tf2CntkError(f"calibrate needs seeds >= 1, examples >= 1 and margin > 0 (got {seeds}, {examples}, "
                            f"{margin})")
     started = time.perf_counter()
-    conv = convert(model, batch=batch, opset=opset, signature=signature, unsafe_load=unsafe_load,
-                   cache_dir=cache_dir)
+    c = conversion or ConversionOptions()
+    conv = convert(model, batch=c.batch, opset=c.opset, signature=c.signature, unsafe_load=c.unsafe_load,
+                   cache_dir=c.cache_dir)
     configured = BudgetConfig.from_mapping(budgets)
-    engine = ParityEngine(conv, device, configured, inputs, cntk_python)
+    engine = ParityEngine(conv, device, ParityOptions(budgets=configured, inputs=dict(inputs or {}),
+                                                      cntk_python=cntk_python, edge_values=edge_values))
     dtypes = {o.name: np.dtype(o.dtype) for o in conv.outputs}
     defaults = output_budgets(conv.onnx_model, BudgetConfig(), dtypes)
-    cal = Calibration(str(model), engine.device, batch, seeds, examples, margin)
+    cal = Calibration(str(model), engine.device, c.batch, seeds, examples, margin)
     for name, b in engine.budgets.items():
         cal.outputs[name] = OutputCalibration(name, [], [], defaults[name].value, b.value, b.unit_roundoff, margin)
-    strategy = inputs_strategy(engine.domains, edge_values)
-    per_seed: dict[str, list[float]] = {}
-
-    def prop(recipes: dict[str, Any]) -> None:
-        ev = engine.evaluate(materialize(recipes, engine.domains))
-        for name, check in ev.checks.items():
-            cal.outputs[name].errors.append(check.error)
-            per_seed.setdefault(name, []).append(check.error)
-            if check.target.nan_mismatch:
-                cal.outputs[name].nan_mismatches += 1
-
     try:
         for s in range(seeds):
-            per_seed.clear()
-            # generate only: nothing fails, so nothing shrinks; no database, so every seed is fresh
-            test = settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
-                            suppress_health_check=list(HealthCheck), derandomize=False)(given(strategy)(prop))
-            hyp_seed(s)(test)()
-            for name, errs in per_seed.items():
-                cal.outputs[name].seed_max.append(max(errs))
+            per_seed = _one_seed(engine, cal, s, examples, edge_values)
             if progress:
                 progress(f"seed {s + 1}/{seeds}: {sum(len(v) for v in per_seed.values()) // max(len(per_seed), 1)} "
                          f"examples, worst " + ", ".join(f"{k} {max(v):.3g}" for k, v in per_seed.items()))
@@ -197,49 +181,27 @@ def calibrate(model: str | os.PathLike, *, device: str = "cpu", batch: int = 1, 
     return cal
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI: tf2cntk calibrate
+def _one_seed(engine: ParityEngine, cal: Calibration, seed: int, examples: int,
+              edge_values: bool) -> dict[str, list[float]]:
+    """One seeded Hypothesis run, generate phase only (nothing fails, nothing shrinks; no
+    database, so every seed is fresh); every example's errors go into ``cal``."""
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import seed as hyp_seed
 
+    per_seed: dict[str, list[float]] = {}
 
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    from pytest_tf2cntk.history.store import find_rootdir
-    from pytest_tf2cntk.options import read_pyproject
+    def prop(recipes: dict[str, Any]) -> None:
+        ev = engine.evaluate(materialize(recipes, engine.domains))
+        for name, check in ev.checks.items():
+            cal.outputs[name].errors.append(check.scaled_error)
+            per_seed.setdefault(name, []).append(check.scaled_error)
+            if check.tf_vs_cntk.nan_mismatch:
+                cal.outputs[name].nan_mismatches += 1
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter is not the output
-    tool = read_pyproject(find_rootdir()).get("tool", {}).get("tf2cntk", {})
-    ranges = {k: (float(v[0]), float(v[1])) for k, v in tool.get("inputs", {}).items()}
-    cal = calibrate(args.model, device=args.device, batch=args.batch, seeds=args.seeds, examples=args.examples,
-                    margin=args.margin, opset=args.opset, signature=args.signature, unsafe_load=args.unsafe_load,
-                    cache_dir=args.cache_dir, cntk_python=args.cntk_python, budgets=tool.get("budgets"),
-                    inputs=ranges, edge_values=args.edge_values,
-                    progress=lambda m: print(f"tf2cntk calibrate: {m}", file=sys.stderr, flush=True))
-    print(cal.to_toml(), end="")
-    if args.json:
-        Path(args.json).write_text(json.dumps(cal.to_json(), indent=1), "utf-8")
-    return 0 if cal.overrides() else 1
-
-
-def _at_least(low: float, kind: type) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        value = kind(text)
-        if value < low or (kind is float and value <= 0):
-            raise argparse.ArgumentTypeError(f"must be {'> 0' if kind is float else f'>= {low}'}")
-        return value
-    return parse
-
-
-def register_cli(sub: argparse._SubParsersAction) -> None:
-    from pytest_tf2cntk.cli import _add_conversion_args  # same model/conversion options as convert and check
-
-    p = sub.add_parser("calibrate", help="measure a model's error distribution and propose output budgets (TOML)")
-    _add_conversion_args(p)
-    p.add_argument("--device", default="cpu", help="cpu (default), gpu or gpu:N")
-    p.add_argument("--seeds", type=_at_least(1, int), default=DEFAULT_SEEDS,
-                   help="Hypothesis seeds, one run each (default %(default)s)")
-    p.add_argument("--examples", type=_at_least(1, int), default=DEFAULT_EXAMPLES,
-                   help="examples per seed (default %(default)s)")
-    p.add_argument("--margin", type=_at_least(0, float), default=DEFAULT_MARGIN,
-                   help="proposed budget = margin x max observed error (default %(default)s)")
-    p.add_argument("--edge-values", action="store_true", help="also draw zeros, extremes, large and subnormal values")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write every statistic as JSON")
-    p.set_defaults(func=cmd_calibrate)
+    test = settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
+                    suppress_health_check=list(HealthCheck), derandomize=False)(
+        given(inputs_strategy(engine.domains, edge_values))(prop))
+    hyp_seed(seed)(test)()
+    for name, errs in per_seed.items():
+        cal.outputs[name].seed_max.append(max(errs))
+    return per_seed

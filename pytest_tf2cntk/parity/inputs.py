@@ -5,8 +5,11 @@ pattern) and numpy fills the tensor, so a tensor of a million elements costs mil
 shrinking still moves towards simple inputs: a constant tensor before a uniform one, the full
 range before a narrow one, no special values before some, seed 0 before others.
 
-NaN policy: NaN/Inf are generated only when asked (``allow_nonfinite``); an output then passes
-only if CNTK produces NaN/Inf in exactly the same elements as TensorFlow (same sign for Inf).
+Special values: with ``edge_values`` (zeros, range extremes, large and subnormal values) and
+``allow_nonfinite`` (NaN, +Inf, -Inf) the first examples are deterministic: each pattern on each
+float input in turn (``special_examples``), then Hypothesis mixes them in. NaN policy: NaN/Inf
+are generated only when asked; an output then passes only if CNTK produces NaN/Inf in exactly
+the same elements as TensorFlow (same sign for Inf).
 """
 from __future__ import annotations
 
@@ -15,14 +18,18 @@ from typing import Any
 
 import numpy as np
 
+from pytest_tf2cntk.codec import Jsonable
 from pytest_tf2cntk.convert.domains import InputDomain
 
 DISTRIBUTIONS = ("constant", "uniform", "normal", "ramp")  # shrink order: simplest first
-SPECIALS = ("none", "zeros", "extremes", "large", "subnormal", "nonfinite")
+EDGE_PATTERNS = ("zeros", "extremes", "large", "subnormal")
+NONFINITE_PATTERNS = ("nan", "+inf", "-inf")
+SPECIALS = ("none",) + EDGE_PATTERNS + NONFINITE_PATTERNS
+SPECIAL_FRACTION = 0.1  # of the elements, in the deterministic first examples (zeros: all of them)
 
 
 @dataclass(frozen=True)
-class InputRecipe:
+class InputRecipe(Jsonable):
     """The drawn parameters of one input tensor; ``fill`` turns them into the tensor."""
 
     distribution: str
@@ -76,7 +83,7 @@ class InputRecipe:
         elif self.special == "subnormal":
             values = rng.choice([-1.0, 1.0], mask.sum()) * float(info.tiny) / 4
         else:
-            values = rng.choice([np.nan, np.inf, -np.inf], mask.sum())
+            values = {"nan": np.nan, "+inf": np.inf, "-inf": -np.inf}[self.special]
         flat = flat.copy()
         flat[mask] = values
         return flat
@@ -98,18 +105,15 @@ class InputRecipe:
             text += f" + {self.special_frac:.0%} {self.special}"
         return text
 
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
 
 def recipe_strategy(edge_values: bool = False, allow_nonfinite: bool = False) -> Any:
     from hypothesis import strategies as st
 
     specials = ["none"]
     if edge_values:
-        specials += ["zeros", "extremes", "large", "subnormal"]
+        specials += list(EDGE_PATTERNS)
     if allow_nonfinite:
-        specials.append("nonfinite")
+        specials += list(NONFINITE_PATTERNS)
 
     @st.composite
     def recipe(draw: Any) -> InputRecipe:
@@ -138,3 +142,20 @@ def inputs_strategy(domains: dict[str, InputDomain], edge_values: bool = False,
 
 def materialize(recipes: dict[str, InputRecipe], domains: dict[str, InputDomain]) -> dict[str, np.ndarray]:
     return {name: recipes[name].fill(domains[name]) for name in domains}
+
+
+def special_examples(domains: dict[str, InputDomain], edge_values: bool = False,
+                     allow_nonfinite: bool = False) -> list[dict[str, InputRecipe]]:
+    """The deterministic first examples: each asked-for pattern on each float input in turn
+    (uniform over the whole domain otherwise), so every pattern is checked on every input
+    whatever Hypothesis goes on to draw."""
+    patterns = (EDGE_PATTERNS if edge_values else ()) + (NONFINITE_PATTERNS if allow_nonfinite else ())
+    plain = {name: InputRecipe("uniform", 0, 0.0, 1.0, "none", 0.0) for name in domains}
+    out = []
+    for name, dom in domains.items():
+        if dom.kind != "float":
+            continue
+        for pattern in patterns:
+            frac = 1.0 if pattern == "zeros" else SPECIAL_FRACTION
+            out.append({**plain, name: InputRecipe("uniform", 0, 0.0, 1.0, pattern, frac)})
+    return out

@@ -1,20 +1,36 @@
-"""The three backends of a parity check, each on a device ('cpu', 'gpu', 'gpu:N').
+"""The backends of a parity check, one protocol for the engine and for localization alike.
 
-TensorFlow in-process is the truth, ONNX Runtime on the converted graph is the reference for
-ONNX semantics, CNTK in the worker is the target. A device a backend cannot use raises
-``DeviceUnavailable`` with the exact reason (the pytest layer turns it into a skip).
+TensorFlow in-process is the model as trained, ONNX Runtime on the converted graph is the
+reference for ONNX semantics, CNTK in the worker is the target. A device a backend cannot use
+raises ``DeviceUnavailable`` with the exact reason (the pytest layer turns it into a skip),
+except ONNX Runtime, which is a referee: it falls back to the CPU and says so (``fallback``).
 """
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
 
+from pytest_tf2cntk.convert.tf_model import TFModel
 from pytest_tf2cntk.devices import normalize_device
 from pytest_tf2cntk.errors import DeviceUnavailable
-from pytest_tf2cntk.convert.tf_model import TFModel
+
+Feeds = dict[str, np.ndarray]
+
+
+class Runner(Protocol):
+    """Named inputs in, named outputs out, on one device."""
+
+    name: str
+    device: str
+
+    def run(self, feeds: Feeds) -> Feeds: ...
+
+    def close(self) -> None: ...
 
 
 class TFRunner:
@@ -24,43 +40,81 @@ class TFRunner:
         self.model = model
         self.device = normalize_device(device)
         if self.device.startswith("gpu"):
-            import tensorflow as tf
+            _check_tf_gpu(self.device, allow_tf32)
 
-            gpus = tf.config.list_physical_devices("GPU")
-            index = int(self.device.split(":")[1])
-            if not gpus:
-                built = tf.test.is_built_with_cuda()
-                raise DeviceUnavailable(
-                    "no GPU visible to TensorFlow" + ("" if built else " (this TensorFlow build has no "
-                                                      "CUDA support; install tensorflow[and-cuda])"))
-            if index >= len(gpus):
-                raise DeviceUnavailable(f"TensorFlow sees {len(gpus)} GPU(s); gpu:{index} does not exist")
-            # TF enables TF32 matmuls/convs by default on Ampere+, which costs ~1e-3 relative error
-            tf.config.experimental.enable_tensor_float_32_execution(allow_tf32)
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feeds: Feeds) -> Feeds:
         return self.model.run(feeds, self.device)
+
+    def close(self) -> None:
+        pass
+
+
+def _check_tf_gpu(device: str, allow_tf32: bool) -> None:
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    index = int(device.split(":")[1])
+    if not gpus:
+        built = tf.test.is_built_with_cuda()
+        raise DeviceUnavailable("no GPU visible to TensorFlow" + ("" if built else " (this TensorFlow build has "
+                                                                  "no CUDA support; install tensorflow[and-cuda])"))
+    if index >= len(gpus):
+        raise DeviceUnavailable(f"TensorFlow sees {len(gpus)} GPU(s); gpu:{index} does not exist")
+    # TF enables TF32 matmuls/convs by default on Ampere+, which costs ~1e-3 relative error
+    tf.config.experimental.enable_tensor_float_32_execution(allow_tf32)
 
 
 class OrtRunner:
+    """ONNX Runtime with graph optimizations off (the graph as written); the one CPU fall-back rule."""
+
     name = "ort"
 
-    def __init__(self, model: onnx.ModelProto | Path, device: str = "cpu") -> None:
+    def __init__(self, model: onnx.ModelProto | Path | bytes, device: str = "cpu") -> None:
         from pytest_tf2cntk.convert import onnxrt
 
         self.device = normalize_device(device)
-        payload = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
-        self.session = onnxrt.session(payload, self.device)
+        payload = model.SerializeToString() if isinstance(model, onnx.ModelProto) else (
+            model if isinstance(model, bytes) else Path(model).read_bytes())
+        self.fallback = ""  # why ONNX Runtime runs on the CPU instead of the device asked for
+        try:
+            self.session = onnxrt.session(payload, self.device)
+        except DeviceUnavailable as exc:
+            self.fallback = exc.message
+            self.device = "cpu"
+            self.session = onnxrt.session(payload, "cpu")
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+    def run(self, feeds: Feeds, outputs: list[str] | None = None) -> Feeds:
+        names = outputs or self.output_names
+        return dict(zip(names, self.session.run(names, feeds)))
+
+    def close(self) -> None:
+        pass
+
+
+_ORT_CACHE: "OrderedDict[str, OrtRunner]" = OrderedDict()
+ORT_CACHE_SIZE = 512  # one-node models of localization: the same few graphs again and again
+
+
+def cached_ort(model: onnx.ModelProto, device: str) -> OrtRunner:
+    """An OrtRunner per distinct graph and device, the least recently used dropped first."""
+    payload = model.SerializeToString()
+    key = hashlib.sha1(payload).hexdigest() + ":" + device
+    runner = _ORT_CACHE.get(key)
+    if runner is None:
+        runner = _ORT_CACHE[key] = OrtRunner(payload, device)
+        while len(_ORT_CACHE) > ORT_CACHE_SIZE:
+            _ORT_CACHE.popitem(last=False)
+    _ORT_CACHE.move_to_end(key)
+    return runner
 
 
 class CNTKRunner:
+    """A model loaded in the CNTK worker; ``submit`` lets CNTK compute while the host runs others."""
+
     name = "cntk"
 
-    def __init__(self, onnx_path: Path, device: str = "cpu", cntk_python: str | None = None,
+    def __init__(self, onnx_path: Path | str, device: str = "cpu", cntk_python: str | None = None,
                  worker: Any = None, output_dtypes: dict[str, str] | None = None) -> None:
         from pytest_tf2cntk.cntk.client import get_worker
 
@@ -80,20 +134,26 @@ class CNTKRunner:
         # CNTK computes integer and bool inputs as float: feed them in the dtype it declares
         self.input_dtypes = {i.name: np.dtype(i.dtype) for i in self.loaded.inputs}
 
-    def _feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def feeds(self, feeds: Feeds) -> Feeds:
         return {k: v if k not in self.input_dtypes or v.dtype == self.input_dtypes[k]
-                else v.astype(self.input_dtypes[k]) for k, v in feeds.items()}
+                else v.astype(self.input_dtypes[k]) for k, v in feeds.items() if k in self.input_dtypes}
 
-    def submit(self, feeds: dict[str, np.ndarray]) -> Any:
+    def submit(self, feeds: Feeds) -> Any:
         """Start an eval in the worker and return at once (the host runs TF meanwhile)."""
-        return self.worker.eval_async(self.loaded, self._feeds(feeds))
+        return self.worker.eval_async(self.loaded, self.feeds(feeds))
 
-    def result(self, pending: Any) -> dict[str, np.ndarray]:
+    def result(self, pending: Any) -> Feeds:
         """The outputs of a ``submit``, in the dtypes the graph declares."""
         return {name: self._restore_dtype(name, value) for name, value in pending.result().items()}
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feeds: Feeds, outputs: list[str] | None = None) -> Feeds:
+        """The graph's outputs, or the named intermediate tensors / CNTK uids ``outputs``."""
+        if outputs is not None:
+            return self.worker.eval(self.loaded, self.feeds(feeds), outputs=outputs)
         return self.result(self.submit(feeds))
+
+    def nodes(self) -> list:
+        return self.worker.nodes(self.loaded)
 
     def _restore_dtype(self, name: str, value: np.ndarray) -> np.ndarray:
         """CNTK computes integer and bool tensors as float; give back the declared type when the

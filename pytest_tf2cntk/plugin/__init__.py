@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 from pytest_tf2cntk import options as opts
 from pytest_tf2cntk.errors import ParityFailure
+from pytest_tf2cntk.plugin.items import SESSION_KEY, ModelCollector, session_of
 from pytest_tf2cntk.plugin.session import Tf2CntkSession
 
-SESSION_KEY = pytest.StashKey[Tf2CntkSession]()
 MARKER = "tf2cntk"
 
 
@@ -60,94 +60,16 @@ def _worker_id(config: pytest.Config) -> str | None:
     return getattr(config, "workerinput", {}).get("workerid")
 
 
-def _session(config: pytest.Config) -> Tf2CntkSession:
-    return config.stash[SESSION_KEY]
-
-
-# ---------------------------------------------------------------------------------------------
-# collection
-
-
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
-    if _session(parent.config).is_model(file_path):
+    if session_of(parent.config).is_model(file_path):
         return ModelCollector.from_parent(parent, path=file_path)
     return None
 
 
 def pytest_collect_directory(path: Path, parent: pytest.Collector) -> pytest.Collector | None:
-    if _session(parent.config).is_model(path):  # a SavedModel directory is one model
+    if session_of(parent.config).is_model(path):  # a SavedModel directory is one model
         return ModelCollector.from_parent(parent, path=path)
     return None
-
-
-class ModelCollector(pytest.File):
-    """One model: ``::convert`` then ``::parity[DEVICE]`` for each configured device."""
-
-    def collect(self) -> Iterator[pytest.Item]:
-        session = _session(self.config)
-        yield ConvertItem.from_parent(self, name="convert")
-        for device in sorted(session.settings.devices):
-            yield ParityItem.from_parent(self, name=f"parity[{device}]", device=device,
-                                         nodeid=_param_id(self, "parity", device))
-
-
-def _param_id(parent: pytest.Collector, base: str, param: str) -> Any:
-    """pytest >= 9 keeps structured node ids and matches --lf on them: give "parity[cpu]" its
-    params like a parametrized function's; older pytest derives the string id itself."""
-    parent_id = getattr(parent, "id", None)
-    if parent_id is None or not hasattr(parent_id, "with_params"):
-        return None
-    return parent_id.child(base).with_params(param)
-
-
-class _ModelItem(pytest.Item):
-    @property
-    def model_path(self) -> Path:
-        return Path(self.parent.path)  # type: ignore[union-attr]
-
-    def reportinfo(self) -> tuple[Any, int | None, str]:
-        return self.path, None, self.name  # failure headline "parity[cpu]"; the message names the model
-
-    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
-        from pytest_tf2cntk.errors import Tf2CntkError
-
-        if isinstance(excinfo.value, (Tf2CntkError, ParityFailure)):
-            return str(excinfo.value)
-        return super().repr_failure(excinfo)
-
-
-class ConvertItem(_ModelItem):
-    def runtest(self) -> None:
-        session = _session(self.config)
-        conv = session.conversion(self.model_path, self._progress)
-        for key, value in (("ops", sum(conv.ops.values())), ("passes", len(conv.passes)),
-                           ("from_cache", conv.from_cache), ("seconds", round(conv.seconds, 3))):
-            self.user_properties.append((f"tf2cntk_convert_{key}", value))
-
-    def _progress(self, msg: str) -> None:
-        _session(self.config).progress(self.config, msg)
-
-
-class ParityItem(_ModelItem):
-    def __init__(self, *, device: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.device = device
-
-    def runtest(self) -> None:
-        from pytest_tf2cntk.errors import DeviceUnavailable
-
-        session = _session(self.config)
-        conv = session.conversion(self.model_path, lambda m: session.progress(self.config, m))
-        try:
-            result = session.parity(conv, self.device, config=self.config)  # raises on significant drift
-            if not result.passed:
-                raise ParityFailure(str(result))
-        except DeviceUnavailable as exc:
-            session.record_skip(self.model_path, self.device, exc.message)
-            pytest.skip(f"{self.device}: {exc.message}")
-        finally:
-            for key, value in session.properties():
-                self.user_properties.append((key, value))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +84,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     if any("tf2cntk_model" in (c.params or {}) for c in getattr(metafunc, "_calls", [])):
         return  # parametrized indirectly by the user
-    models = _session(metafunc.config).settings.models
+    models = session_of(metafunc.config).settings.models
     if models:
         metafunc.parametrize("tf2cntk_model", [str(m) for m in models], indirect=True,
                              ids=[m.name for m in models])
@@ -171,7 +93,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.fixture(scope="session")
 def tf2cntk_session(request: pytest.FixtureRequest) -> Tf2CntkSession:
     """The plugin's session: settings, conversions and results of this run."""
-    return _session(request.config)
+    return session_of(request.config)
 
 
 @pytest.fixture
@@ -203,7 +125,8 @@ def assert_parity(target: Any, device: str = "cpu", **kwargs: Any) -> Any:
     Returns the ParityResult; a failure shows the same diagnostic table as the plugin's items.
     """
     __tracebackhide__ = True
-    from pytest_tf2cntk.parity.engine import ParityResult, check_parity
+    from pytest_tf2cntk.parity.engine import check_parity
+    from pytest_tf2cntk.parity.result import ParityResult
 
     if isinstance(target, ParityResult):
         result = target
@@ -227,7 +150,8 @@ class _Reporting:
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         if self.session.worker_id is not None:  # xdist worker: hand results to the controller
-            self.config.workeroutput["tf2cntk"] = json.dumps(self.session.payload())  # type: ignore[attr-defined]
+            if self.session.used:
+                self.config.workeroutput["tf2cntk"] = json.dumps(self.session.run.to_json())  # type: ignore[attr-defined]
             return
         self.session.finish(exitstatus)
 
@@ -235,11 +159,18 @@ class _Reporting:
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
         payload = getattr(node, "workeroutput", {}).get("tf2cntk")
         if payload:
-            self.session.merge(json.loads(payload))
+            from pytest_tf2cntk.history.records import RunPayload
+
+            self.session.merge(RunPayload.from_json(json.loads(payload)))
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if self.session.worker_id is None:
-            lines = self.session.summary_lines()
+            if self.session.used:
+                from pytest_tf2cntk.plugin import summary
+
+                lines = summary.summary_lines(self.session.run)
+            else:
+                lines = []
             if lines:
                 terminalreporter.write_sep("=", "tf2cntk parity summary")
                 for line in lines:

@@ -1,20 +1,24 @@
-"""State of one pytest run: conversions (each once), parity results, the merged report.
+"""State of one pytest run: conversions (each once), parity results, drift, the history.
 
-No pytest import: the plugin passes what it needs. Results are plain JSON-able dicts so xdist
-workers can send them to the controller, which merges them into one summary and one report.
+No pytest import: the plugin passes what it needs. Results are typed records
+(``history.records``) that xdist workers send to the controller as JSON, which merges them into
+one summary and one report (``summary.py``). Nothing heavy is imported until a model is used.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pytest_tf2cntk.options import Settings
+from typing import TYPE_CHECKING
 
-REPORT_FORMAT = 1
+from pytest_tf2cntk.errors import ParityFailure, Tf2CntkError
+from pytest_tf2cntk.options import Settings, group
+
+if TYPE_CHECKING:  # the records import numpy and onnx: not at plugin load, only once a check runs
+    from pytest_tf2cntk.history.records import CheckRecord, RunPayload
 
 
 @dataclass
@@ -42,10 +46,7 @@ class ModelHandle:
     def domains(self) -> dict[str, Any]:
         from pytest_tf2cntk.convert.domains import derive_domains
 
-        return derive_domains(self.onnx, self._ranges())
-
-    def _ranges(self) -> dict[str, tuple[float, float]]:
-        return {**self.session.settings.inputs, **(self.inputs or {})}
+        return derive_domains(self.onnx, {**self.session.settings.inputs, **(self.inputs or {})})
 
     def inputs_strategy(self, edge_values: bool | None = None) -> Any:
         from pytest_tf2cntk.parity.inputs import inputs_strategy, materialize
@@ -58,18 +59,16 @@ class ModelHandle:
         return self.tf.run(feeds, device)
 
     def run_ort(self, feeds: dict[str, Any]) -> dict[str, Any]:
-        from pytest_tf2cntk.convert import onnxrt
+        from pytest_tf2cntk.parity.runners import OrtRunner
 
-        return onnxrt.run(self.onnx, feeds)
+        return OrtRunner(self.onnx, "cpu").run(feeds)
 
     def run_cntk(self, feeds: dict[str, Any], device: str = "cpu", outputs: list[str] | None = None) -> dict[str, Any]:
-        return self.session.worker().eval(self.session.loaded(self.conversion.onnx_path, device),
-                                          feeds, outputs)
+        return self.session.worker().eval(self.session.loaded(self.conversion.onnx_path, device), feeds, outputs)
 
     def check(self, device: str = "cpu", **kwargs: Any) -> Any:
         """A full parity check with this test's budgets and input ranges; returns a ParityResult."""
-        return self.session.parity(self.conversion, device, budgets=self.budgets, inputs=self.inputs,
-                                   **kwargs)
+        return self.session.parity(self.conversion, device, budgets=self.budgets, inputs=self.inputs, **kwargs)
 
 
 @dataclass
@@ -77,15 +76,26 @@ class Tf2CntkSession:
     settings: Settings
     rootdir: Path
     worker_id: str | None = None
-    results: list[dict[str, Any]] = field(default_factory=list)
-    conversions: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+    judge: Any = None  # history.drift.DriftJudge once the history is open
     _converted: dict[Path, Any] = field(default_factory=dict)
     _loaded: dict[tuple[str, str], Any] = field(default_factory=dict)
-    _last: Any = None  # the last ParityResult, for the item's JUnit properties
-    started: float = field(default_factory=time.time)
-    judge: Any = None  # drift.DriftJudge once the history is open
-    layerwise: list[dict[str, Any]] = field(default_factory=list)  # per-op rows for the history
+    _last: Any = None  # the last CheckRecord, for the item's JUnit properties
+    _run: Any = None  # RunPayload, made on first use
+
+    @property
+    def run(self) -> "RunPayload":
+        if self._run is None:
+            from pytest_tf2cntk.history.records import RunPayload
+
+            self._run = RunPayload()
+        return self._run
+
+    @property
+    def used(self) -> bool:
+        """Whether any model was converted or checked in this process."""
+        return self._run is not None and bool(self._run.results or self._run.conversions)
 
     # -- history and drift ----------------------------------------------------------------
     def open_history(self) -> None:
@@ -94,25 +104,22 @@ class Tf2CntkSession:
         project that has the plugin installed but does not use it gets no history file."""
         if self.settings.no_history or self.judge is not None:
             return
-        from pytest_tf2cntk.history import drift
-        from pytest_tf2cntk.history import store as history
+        from pytest_tf2cntk.history import drift, store
 
         if self.worker_id is None:
-            history.ensure_history(self.settings.history)
+            store.ensure_history(self.settings.history)
         self.judge = drift.DriftJudge(self.settings.history, self.settings.baseline,
                                       self.settings.fail_on_drift or drift.DEFAULT_FACTOR)
 
-    def judge_drift(self) -> list[str]:
-        """Attach drift verdicts to the last result; the messages of significant drift when
+    def judge_drift(self, record: CheckRecord) -> list[str]:
+        """Attach drift verdicts to ``record``; the messages of significant drift when
         --tf2cntk-fail-on-drift is set (they fail the item)."""
-        if self.judge is None or not self.results:
+        if self.judge is None or record.result is None:
             return []
-        record = self.results[-1]
-        verdicts = self.judge.judge_result(record)
-        record["drift"] = {k: v.to_json() for k, v in verdicts.items()}
+        record.drift = self.judge.judge_result(record.model, record.result)
         if not self.settings.fail_on_drift:
             return []
-        return [v.message for v in verdicts.values() if v.significant]
+        return [v.message for v in record.drift.values() if v.significant]
 
     # -- models ---------------------------------------------------------------------------
     def is_model(self, path: Path) -> bool:
@@ -124,22 +131,20 @@ class Tf2CntkSession:
     def conversion(self, path: Path, progress: Callable[[str], None] | None = None) -> Any:
         """Convert once per session; a failure is remembered and re-raised for every item."""
         from pytest_tf2cntk.convert.pipeline import convert
-        from pytest_tf2cntk.errors import Tf2CntkError
+        from pytest_tf2cntk.history.records import ConversionRecord
 
         key = Path(path).resolve()
         if key not in self._converted:
-            s = self.settings
             try:
-                conv = convert(key, batch=s.batch, opset=s.opset, signature=s.signature,
-                               unsafe_load=s.unsafe_load, cache_dir=s.cache_dir, progress=progress)
+                conv = convert(key, **self.settings.pick(group("conversion")), progress=progress)
                 self._converted[key] = conv
-                self.conversions.append({"model": self._rel(key), "ok": True, "onnx": str(conv.onnx_path),
-                                         "ops": conv.ops, "passes": conv.passes, "warnings": conv.warnings,
-                                         "from_cache": conv.from_cache, "seconds": conv.seconds})
+                self.run.conversions.append(ConversionRecord(self.rel(key), True, str(conv.onnx_path), conv.ops,
+                                                             conv.passes, conv.warnings, conv.from_cache,
+                                                             conv.seconds))
             except Tf2CntkError as exc:
                 self._converted[key] = exc
-                self.conversions.append({"model": self._rel(key), "ok": False, "error": str(exc),
-                                         "type": type(exc).__name__})
+                self.run.conversions.append(ConversionRecord(self.rel(key), False, error=str(exc),
+                                                             type=type(exc).__name__))
         value = self._converted[key]
         if isinstance(value, Exception):
             raise value
@@ -163,63 +168,59 @@ class Tf2CntkSession:
         return self._loaded[key]
 
     # -- parity ---------------------------------------------------------------------------
-    def parity(self, conv: Any, device: str, budgets: dict | None = None,
-               inputs: dict | None = None, config: Any = None, **kwargs: Any) -> Any:
-        """One parity check with the session's settings; ``config`` (pytest's) enables progress."""
-        from pytest_tf2cntk.parity.engine import check_parity
+    def parity_options(self, budgets: dict | None = None, inputs: dict | None = None, **overrides: Any) -> Any:
+        """The check this session asks for: its settings, a test's budgets and ranges, overrides."""
+        from pytest_tf2cntk.options import parse_budget_table
+        from pytest_tf2cntk.parity.options import ParityOptions
 
         s = self.settings
+        values: dict[str, Any] = dict(
+            max_examples=s.max_examples, seed=s.seed, derandomize=bool(os.environ.get("CI")) and s.seed is None,
+            budgets={**s.budgets, **parse_budget_table(budgets)}, budget_scale=s.budget_scale,
+            inputs={**s.inputs, **(inputs or {})}, edge_values=s.edge_values, cntk_python=s.cntk_python,
+            reproducer_dir=self.rootdir / ".tf2cntk" / "reproducers",
+            layerwise="always" if s.layerwise else "on-failure", database=self._database())
+        values.update(overrides)
+        return ParityOptions.build(**values)
+
+    def _database(self) -> Any:
+        if os.environ.get("CI") or self.settings.seed is not None:
+            return None  # CI runs are derandomized; a seeded run must not replay old examples
+        from hypothesis.database import DirectoryBasedExampleDatabase
+
+        return DirectoryBasedExampleDatabase(str(self.rootdir / ".hypothesis" / "tf2cntk"))
+
+    def parity(self, conv: Any, device: str, budgets: dict | None = None, inputs: dict | None = None,
+               config: Any = None, **overrides: Any) -> Any:
+        """One parity check with the session's settings; ``config`` (pytest's) enables progress."""
+        from pytest_tf2cntk.history.records import CheckRecord
+        from pytest_tf2cntk.parity.engine import run_check
+
         self.open_history()
         self.worker()  # the shared worker, with this session's timeout
-        merged_budgets = {**s.budgets, **(budgets or {})}
-        ranges = {**s.inputs, **(inputs or {})}
-        db = None
-        if not os.environ.get("CI") and s.seed is None:
-            from hypothesis.database import DirectoryBasedExampleDatabase
-
-            db = DirectoryBasedExampleDatabase(str(self.rootdir / ".hypothesis" / "tf2cntk"))
-        params: dict[str, Any] = dict(max_examples=s.max_examples, seed=s.seed, budgets=merged_budgets,
-                                      budget_scale=s.budget_scale, inputs=ranges, edge_values=s.edge_values,
-                                      cntk_python=s.cntk_python, conversion=conv, database=db,
-                                      reproducer_dir=self.rootdir / ".tf2cntk" / "reproducers",
-                                      layerwise="always" if s.layerwise else "on-failure")
-        if config is not None:
-            params["progress"] = self._example_progress(config, f"{self._rel(conv.source)} [{device}]")
-        params.update(kwargs)
-        result = check_parity(conv.source, device, **params)
-        record = result.to_json()
-        record["model"] = self._rel(Path(conv.source))
-        self.results.append(record)
-        self.layerwise.extend(dict(row, model=record["model"]) for row in result.layer_rows)
-        self._last = result
-        drifted = self.judge_drift()
+        progress = overrides.pop("progress", None)
+        if config is not None and progress is None:
+            progress = self._example_progress(config, f"{self.rel(conv.source)} [{device}]")
+        result = run_check(conv, device, self.parity_options(budgets, inputs, **overrides), progress)
+        record = CheckRecord(self.rel(Path(conv.source)), result.device, result)
+        self.run.results.append(record)
+        self.run.layers.extend(result.layer_rows())
+        self._last = record
+        drifted = self.judge_drift(record)
         if drifted and result.passed:
-            from pytest_tf2cntk.errors import ParityFailure
-
             raise ParityFailure(f"{result}\nerror drift beyond --tf2cntk-fail-on-drift="
-                                f"{s.fail_on_drift:g}:\n" + "\n".join(f"  {m}" for m in drifted))
+                                f"{self.settings.fail_on_drift:g}:\n" + "\n".join(f"  {m}" for m in drifted))
         return result
 
     def record_skip(self, path: Path, device: str, reason: str) -> None:
-        self.results.append({"model": self._rel(path), "device": device, "skipped": reason})
+        from pytest_tf2cntk.history.records import CheckRecord
 
-    def properties(self) -> list[tuple[str, Any]]:
-        """Key numbers of the last parity check for JUnit XML (record_property)."""
-        result = self._last
-        if result is None:
-            return []
-        self._last = None
-        props: list[tuple[str, Any]] = [("tf2cntk_passed", result.passed), ("tf2cntk_examples", result.examples)]
-        for name, c in result.outputs.items():
-            props += [(f"tf2cntk_{name}_scaled_error", f"{c.error:.6g}"),
-                      (f"tf2cntk_{name}_budget", f"{c.budget.value:.6g}"),
-                      (f"tf2cntk_{name}_headroom", f"{c.headroom:.6g}")]
-        if result.reproducer:
-            props.append(("tf2cntk_reproducer", result.reproducer))
-        drift = self.results[-1].get("drift", {}) if self.results else {}
-        props += [(f"tf2cntk_{name}_drift_ratio", f"{v['ratio']:.4g}") for name, v in drift.items()
-                  if v.get("ratio") is not None]
-        return props
+        self.run.results.append(CheckRecord(self.rel(path), device, skipped=reason))
+
+    def last_check(self) -> CheckRecord | None:
+        """The last parity check's record, once (the item's JUnit properties come from it)."""
+        record, self._last = self._last, None
+        return record
 
     def progress(self, config: Any, msg: str) -> None:
         """Long work (a cold conversion) shows a line in verbose mode, past output capture."""
@@ -241,102 +242,54 @@ class Tf2CntkSession:
                 self.progress(config, f"{label}: {done}/{total} examples")
         return report
 
-    def _rel(self, path: Path) -> str:
+    def rel(self, path: Path) -> str:
         try:
             return str(Path(path).resolve().relative_to(self.rootdir.resolve()))
         except ValueError:
             return str(path)
 
     # -- xdist ----------------------------------------------------------------------------
-    def payload(self) -> dict[str, Any]:
-        return {"results": self.results, "conversions": self.conversions, "layerwise": self.layerwise}
+    def merge(self, payload: RunPayload) -> None:
+        self.run.results.extend(payload.results)
+        self.run.layers.extend(payload.layers)
+        seen = {(c.model, c.ok) for c in self.run.conversions}
+        for c in payload.conversions:
+            if (c.model, c.ok) not in seen:
+                self.run.conversions.append(c)
+                seen.add((c.model, c.ok))
 
-    def merge(self, payload: dict[str, Any]) -> None:
-        self.results.extend(payload.get("results", []))
-        self.layerwise.extend(payload.get("layerwise", []))
-        seen = {(c["model"], c["ok"]) for c in self.conversions}
-        for c in payload.get("conversions", []):
-            if (c["model"], c["ok"]) not in seen:
-                self.conversions.append(c)
-                seen.add((c["model"], c["ok"]))
-
-    # -- reports --------------------------------------------------------------------------
-    def summary_rows(self) -> list[tuple[str, ...]]:
-        rows = []
-        for r in sorted(self.results, key=lambda r: (r["model"], r["device"])):
-            if "skipped" in r:
-                rows.append((r["model"], r["device"], "-", "-", "-", "-", "-", f"skipped: {r['skipped']}"))
-                continue
-            for name, o in sorted(r["outputs"].items()):
-                rows.append((r["model"], r["device"], name, f"{o['scaled_error']:.3g}",
-                             f"{o['budget']['value']:.3g}", f"{o['headroom']:.3g}x", str(r["examples"]),
-                             "PASS" if o["passed"] else f"FAIL ({o['stage']})"))
-        for c in self.conversions:
-            if not c["ok"]:
-                rows.append((c["model"], "-", "-", "-", "-", "-", "-",
-                             f"conversion failed: {c['error'].splitlines()[0]}"))
-        return rows
-
-    HEADER = ("model", "device", "output", "error", "budget", "headroom", "examples", "verdict")
-
-    def summary_lines(self) -> list[str]:
-        rows = self.summary_rows()
-        if not rows:
-            return []
-        table = [self.HEADER] + rows
-        widths = [max(len(r[i]) for r in table) for i in range(len(self.HEADER))]
-        return ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in table]
-
-    def markdown(self) -> str:
-        rows = self.summary_rows()
-        out = ["## tf2cntk parity", "", "| " + " | ".join(self.HEADER) + " |",
-               "|" + "---|" * len(self.HEADER)]
-        out += ["| " + " | ".join(r) + " |" for r in rows]
-        return "\n".join(out) + "\n"
-
-    def _record_history(self, exitstatus: int) -> None:
-        if self.settings.no_history or not self.results:
+    # -- the end --------------------------------------------------------------------------
+    def finish(self, exitstatus: int) -> None:
+        """The JSON report, the history, the GitHub step summary (controller only)."""
+        if not self.used:
             return
-        from pytest_tf2cntk.history import store as history
-        from pytest_tf2cntk.errors import HistoryError
+        from pytest_tf2cntk.plugin import summary
 
-        try:
-            run = history.run_info(self.rootdir, options=self._settings_json(), results=self.results,
-                                   exitstatus=exitstatus, duration=time.time() - self.started,
-                                   started=self.started)
-            run_id = history.record_run(self.settings.history, run, self.results,
-                                        layerwise=self.layerwise or None)
-            self.notes.append(f"tf2cntk: run {run_id} recorded in {self.settings.history}")
-        except HistoryError as exc:
-            self.notes.append(f"tf2cntk: history not recorded: {exc}")
+        if self.settings.report:
+            summary.write_report(Path(self.settings.report), summary.report(
+                self.run, started=self.started, exitstatus=exitstatus, settings=self.settings_json(),
+                models=[self.rel(m) for m in self.settings.models]))
+            self.notes.append(f"tf2cntk: JSON report written to {self.settings.report}")
+        self._record_history(exitstatus)
+        step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
+        if step_summary:
+            with open(step_summary, "a", encoding="utf-8") as fh:
+                fh.write(summary.markdown(self.run))
 
-    def _settings_json(self) -> dict[str, Any]:
+    def settings_json(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.settings.__dict__.items()
                 if k != "models"}
 
-    def report(self, exitstatus: int) -> dict[str, Any]:
-        from pytest_tf2cntk.convert.cache import host_versions
-
-        passed = all(r.get("passed", True) for r in self.results) and all(c["ok"] for c in self.conversions)
-        return {"format": REPORT_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "duration": time.time() - self.started, "exitstatus": int(exitstatus), "passed": passed,
-                "settings": self._settings_json(),
-                "models": [self._rel(m) for m in self.settings.models],
-                "versions": host_versions(),
-                "conversions": self.conversions, "results": self.results}
-
-    def finish(self, exitstatus: int) -> None:
-        if not self.results and not self.conversions:
+    def _record_history(self, exitstatus: int) -> None:
+        if self.settings.no_history or not self.used or not self.run.results:
             return
-        if self.settings.report:
-            path = Path(self.settings.report)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(path.suffix + ".tmp")
-            tmp.write_text(json.dumps(self.report(exitstatus), indent=1, default=str), "utf-8")
-            os.replace(tmp, path)
-            self.notes.append(f"tf2cntk: JSON report written to {path}")
-        self._record_history(exitstatus)
-        summary = os.environ.get("GITHUB_STEP_SUMMARY")
-        if summary:
-            with open(summary, "a", encoding="utf-8") as fh:
-                fh.write(self.markdown())
+        from pytest_tf2cntk.errors import HistoryError
+        from pytest_tf2cntk.history import store
+
+        try:
+            info = store.run_info(self.rootdir, options=self.settings_json(), results=self.run.results,
+                                  exitstatus=exitstatus, duration=time.time() - self.started, started=self.started)
+            run_id = store.record_run(self.settings.history, info, self.run.results, layerwise=self.run.layers)
+            self.notes.append(f"tf2cntk: run {run_id} recorded in {self.settings.history}")
+        except HistoryError as exc:
+            self.notes.append(f"tf2cntk: history not recorded: {exc}")

@@ -26,24 +26,25 @@ Errors: ``ok: false``, ``type`` ("ProtocolError", "CNTKError", "DeviceUnavailabl
 """
 import collections
 import io
-import mmap
 import os
 import re
 import signal
 import sys
-import tempfile
 import time
 import traceback
-import warnings
 
 if __package__:
     from . import protocol
+    from .onnx_reader import read_onnx_graph
+    from .startup import import_cntk, protect_stdio, split_native
 else:  # run as a script: this file's folder is sys.path[0]
     import protocol
+    from onnx_reader import read_onnx_graph
+    from startup import import_cntk, protect_stdio, split_native
 
 import numpy as np
 
-cntk = None  # imported by _import_cntk once stdio is protected
+cntk = None  # imported by startup.import_cntk once stdio is protected
 
 EXIT_IMPORT_FAILED = 3
 MAX_COMBOS = 2  # compiled output combinations kept per model
@@ -61,14 +62,6 @@ def _protocol_error(message):
     return RequestError("ProtocolError", message)
 
 
-def split_native(text):
-    """(message, native call stack) of a CNTK exception text."""
-    idx = text.find("[CALL STACK]")
-    if idx < 0:
-        return text.strip(), ""
-    return text[:idx].strip(), text[idx:].strip()
-
-
 def _cntk_call(fn, *args, **kwargs):
     """Call into CNTK; its exceptions become CNTKError replies with the stack in ``detail``."""
     try:
@@ -80,64 +73,6 @@ def _cntk_call(fn, *args, **kwargs):
         tb = traceback.format_exc()
         raise RequestError("CNTKError", message or type(exc).__name__,
                            "\n\n".join(p for p in (native, tb) if p))
-
-
-# ---------------------------------------------------------------------------------------------
-# Start-up
-
-
-def protect_stdio():
-    """(input fd, output fd) for frames; fd 1 -> stderr and fd 0 -> /dev/null from now on."""
-    frames_in = os.dup(0)
-    frames_out = os.dup(1)
-    sys.stdout.flush()
-    os.dup2(2, 1)
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
-    return frames_in, frames_out
-
-
-def _import_cntk():
-    """Import cntk with its warnings and banner captured; (facts, error reply or None)."""
-    global cntk
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(2)
-    capture = tempfile.TemporaryFile()
-    os.dup2(capture.fileno(), 1)
-    os.dup2(capture.fileno(), 2)
-    failure = None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            import cntk as _cntk
-            cntk = _cntk
-        except BaseException as exc:  # ImportError (libmpi), OSError, anything: report it
-            failure = (exc, traceback.format_exc())
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.dup2(saved, 1)
-            os.close(saved)
-    capture.seek(0)
-    text = capture.read().decode("utf-8", "replace")
-    capture.close()
-    if text:
-        sys.stderr.write(text)  # still reaches the host's diagnostics ring buffer
-        sys.stderr.flush()
-    facts = {
-        "import_warnings": [{"category": w.category.__name__, "message": str(w.message),
-                             "filename": w.filename, "lineno": w.lineno} for w in caught],
-        "import_stderr": text,
-    }
-    if failure is None:
-        return facts, None
-    exc, tb = failure
-    message, native = split_native("%s: %s" % (type(exc).__name__, exc))
-    return facts, {"ok": False, "type": "EnvironmentProblem", "message": message,
-                   "detail": "\n\n".join(p for p in (native, tb, text) if p)}
 
 
 def device_names():
@@ -158,100 +93,6 @@ def parse_device(spec):
     except Exception as exc:
         message, native = split_native(str(exc))
         raise RequestError("DeviceUnavailable", message, native)
-
-
-# ---------------------------------------------------------------------------------------------
-# ONNX names. CNTK keeps input names and ONNX *node* names, not output tensor names, and orders
-# a model's outputs its own way; so read the ONNX graph (a minimal protobuf walk, no onnx
-# package here) to map names back.
-
-
-def _varint(buf, pos):
-    result = 0
-    shift = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
-
-
-def _fields(buf, start, end):
-    """(field number, value) of a protobuf message; length-delimited values as (start, end)."""
-    pos = start
-    while pos < end:
-        key, pos = _varint(buf, pos)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-        elif wire == 2:
-            length, pos = _varint(buf, pos)
-            value = (pos, pos + length)
-            pos += length
-        elif wire == 1:
-            value, pos = None, pos + 8
-        elif wire == 5:
-            value, pos = None, pos + 4
-        else:
-            raise ValueError("unsupported protobuf wire type %d" % wire)
-        yield field, value
-
-
-def _text(buf, span):
-    return bytes(buf[span[0]:span[1]]).decode("utf-8", "replace")
-
-
-def _first_string(buf, span, number):
-    for field, value in _fields(buf, span[0], span[1]):
-        if field == number:
-            return _text(buf, value)
-    return ""
-
-
-def parse_onnx_graph(buf):
-    """{"inputs", "outputs", "initializers", "nodes": [(name, op_type, inputs, outputs)]}."""
-    graph = None
-    for field, value in _fields(buf, 0, len(buf)):
-        if field == 7:  # ModelProto.graph
-            graph = value
-    if graph is None:
-        raise ValueError("no graph in the ONNX file")
-    inputs, outputs, nodes, initializers = [], [], [], set()
-    for field, value in _fields(buf, graph[0], graph[1]):
-        if field == 1:  # NodeProto
-            name, op_type, ins, outs = "", "", [], []
-            for f, v in _fields(buf, value[0], value[1]):
-                if f == 1:
-                    ins.append(_text(buf, v))
-                elif f == 2:
-                    outs.append(_text(buf, v))
-                elif f == 3:
-                    name = _text(buf, v)
-                elif f == 4:
-                    op_type = _text(buf, v)
-            nodes.append((name, op_type, ins, outs))
-        elif field == 5:  # TensorProto initializer, name = 8
-            initializers.add(_first_string(buf, value, 8))
-        elif field == 11:  # ValueInfoProto, name = 1
-            inputs.append(_first_string(buf, value, 1))
-        elif field == 12:
-            outputs.append(_first_string(buf, value, 1))
-    return {"inputs": [n for n in inputs if n not in initializers], "outputs": outputs,
-            "initializers": initializers, "nodes": nodes}
-
-
-def read_onnx_graph(path):
-    with open(path, "rb") as f:
-        try:
-            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except (ValueError, OSError):  # empty file, or not mappable
-            return parse_onnx_graph(f.read())
-    try:
-        return parse_onnx_graph(mapped)
-    finally:
-        mapped.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -678,7 +519,8 @@ def main():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     frames_in, frames_out = protect_stdio()
     write = io.FileIO(frames_out, "wb", closefd=False).write
-    facts, failure = _import_cntk()
+    global cntk
+    cntk, facts, failure = import_cntk()
     base = {"op": "hello", "id": 0, "protocol": protocol.PROTOCOL_VERSION, "pid": os.getpid(),
             "python": sys.version.split()[0], "executable": sys.executable,
             "numpy": np.__version__}

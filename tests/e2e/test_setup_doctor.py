@@ -6,7 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import ROOT
+import pytest
+
+from tests.support.paths import ROOT
 
 CLI = str(Path(sys.executable).parent / "tf2cntk")
 
@@ -16,6 +18,7 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})})
 
 
+@pytest.mark.needs_cntk
 def test_setup_is_idempotent_and_proves_cntk() -> None:
     done = run("setup")
     assert done.returncode == 0, done.stderr
@@ -39,6 +42,7 @@ def test_setup_without_any_python36_says_how_to_get_one(tmp_path: Path) -> None:
     assert not (tmp_path / "env").exists()  # nothing half-made
 
 
+@pytest.mark.needs_cntk
 def test_doctor_shows_both_sides() -> None:
     done = run("doctor")
     assert done.returncode == 0, done.stdout + done.stderr

@@ -7,9 +7,10 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from .conftest import FIXTURES
+from tests.support.paths import FIXTURES
 
 pytest_plugins = ["pytester"]
+pytestmark = pytest.mark.needs_cntk
 QUIET = ("-p", "no:cacheprovider", "--tf2cntk-max-examples=5")
 
 
@@ -50,8 +51,12 @@ def test_ini_option_pyproject_tables_and_selection(project: pytest.Pytester) -> 
     result = project.runpytest_subprocess("-p", "no:cacheprovider", "--tf2cntk-report=report.json", "-v")
     result.assert_outcomes(passed=3)  # convert, parity[cpu], the user's own test
     report = json.loads((project.path / "report.json").read_text())
-    (parity,) = report["results"]
-    assert parity["device"] == "cpu" and parity["input_domains"]["x"]["high"] == 0.25
+    (check,) = report["results"]
+    assert check["device"] == "cpu" and check["result"]["input_domains"]["x"]["high"] == 0.25
+    from pytest_tf2cntk.history.records import RunReport
+
+    typed = RunReport.from_json(report)  # the report reads back as typed records
+    assert typed.results[0].result.input_domains["x"].high == 0.25 and typed.passed
     only = project.runpytest_subprocess("-p", "no:cacheprovider", "-k", "convert")
     only.assert_outcomes(passed=1, deselected=2)
 
@@ -67,7 +72,7 @@ def test_user_tests_with_fixtures_marker_and_assert_parity(project: pytest.Pytes
         @pytest.mark.tf2cntk(model="mlp.keras", inputs={"x": (0.0, 0.5)})
         def test_passes(tf2cntk_model):
             result = assert_parity(tf2cntk_model, "cpu", max_examples=5)
-            assert result.input_domains["x"]["high"] == 0.5
+            assert result.input_domains["x"].high == 0.5
             feeds = {"x": np.full((1, 16), 0.25, np.float32)}
             np.testing.assert_allclose(tf2cntk_model.run_cntk(feeds)["probs"],
                                        tf2cntk_model.run_tf(feeds)["probs"], rtol=1e-5)
@@ -141,9 +146,9 @@ def test_xdist_two_workers_one_merged_summary_and_report(project: pytest.Pyteste
 def test_help_shows_every_option_with_its_default(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("--help")
     out = result.stdout.str()
-    from pytest_tf2cntk.options import OPTIONS
+    from pytest_tf2cntk.options import PYTEST_OPTIONS
 
-    for option in OPTIONS:
+    for option in PYTEST_OPTIONS:
         assert (option.flag if option.name != "models" else "--tf2cntk-model") in out
     result.stdout.fnmatch_lines(["*--tf2cntk-devices=LIST*", "*(default: cpu,gpu; ini: tf2cntk_devices)*"])
 
@@ -185,7 +190,7 @@ def test_history_records_runs_and_drift_fails_within_budget(project: pytest.Pyte
 
     import onnx
 
-    from .conftest import scale_weight
+    from tests.support.faults import scale_weight
 
     graph = onnx.load(str(convert(project.path / "mlp.keras").onnx_path))
     scale_weight(graph, 1 + 1e-6)  # a small conversion error, within the budget

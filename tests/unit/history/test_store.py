@@ -1,52 +1,22 @@
 """The history store: real SQLite files, several processes at once, broken and foreign files."""
 from __future__ import annotations
 
-import math
 import multiprocessing
 import os
 import sqlite3
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from pytest_tf2cntk import cli
+from pytest_tf2cntk.errors import HistoryError
 from pytest_tf2cntk.history import store as H
 from pytest_tf2cntk.history.drift import resolve_baseline
-from pytest_tf2cntk.errors import HistoryError
-
-ROOT = Path(__file__).resolve().parent.parent
-U32 = 2.0 ** -24
-
-
-def make_result(model: str = "m.keras", device: str = "cpu", errors: dict[str, float] | None = None,
-                budget: float = 1e-5, examples: int = 20) -> dict[str, Any]:
-    """A ParityResult.to_json()-shaped dict with the given scaled error per output."""
-    outputs = {}
-    for name, e in (errors or {"y": 1e-7}).items():
-        ok = e <= budget
-        metrics = {"shape_ok": True, "dtype_ok": True, "max_abs": e * 0.5, "ref_scale": 0.5, "max_rel": e * 4,
-                   "max_ulp": e / U32, "cosine": 1.0 - e, "top1_agreement": 1.0, "nan_mismatch": 0}
-        outputs[name] = {"output": name, "passed": ok, "reasons": [], "scaled_error": e,
-                         "budget": {"output": name, "value": budget, "terms": 3, "dominant": [["Gemm", 1.0]],
-                                    "overridden": False, "unknown_ops": [], "unit_roundoff": U32},
-                         "headroom": budget / e if e > 0 else math.inf,
-                         "stage": "none" if ok else "CNTK importer/runtime (ONNX -> CNTK)",
-                         "tf_vs_cntk": metrics, "tf_vs_ort": {**metrics, "max_abs": e * 0.25},
-                         "ort_vs_cntk": {**metrics, "max_abs": e * 0.25}}
-    return {"model": model, "device": device, "passed": all(o["passed"] for o in outputs.values()),
-            "examples": examples, "seconds": 0.1, "conversion": {}, "outputs": outputs, "inputs": {},
-            "input_domains": {}, "reproducer": None, "timings": {}, "seed": 1,
-            "versions": {"tensorflow": "2.21.0", "tf2onnx": "1.17.0", "cntk": "2.7", "cntk_numpy": "1.19.5",
-                         "cntk_python": "3.6.15", "python": "3.11.7"}}
-
-
-def make_run(i: int = 0, **versions: str) -> dict[str, Any]:
-    return {"time": 1.7e9 + 3600 * i, "host": "ci", "git_commit": f"{i:x}" * 40,
-            "versions": {"tensorflow": "2.21.0", "tf2onnx": "1.17.0", "onnx": "1.17.0", "onnxruntime": "1.20",
-                         "keras": "3.5", "numpy": "2.1", "python": "3.11.7", "cntk": "2.7",
-                         "cntk_numpy": "1.19.5", "cntk_python": "3.6.15", **versions},
-            "options": {"max_examples": 20, "devices": ["cpu"]}}
+from pytest_tf2cntk.history.frame import load_history
+from pytest_tf2cntk.history.records import CheckRecord
+from pytest_tf2cntk.parity.localize.report import LayerRow
+from tests.support.paths import ROOT
+from tests.support.synthetic import U32, make_result, make_run
 
 
 def table(path: Path, sql: str) -> list[tuple]:
@@ -62,9 +32,8 @@ def table(path: Path, sql: str) -> list[tuple]:
 def test_record_run_stores_every_metric_skips_and_layers(tmp_path: Path) -> None:
     path = tmp_path / ".tf2cntk" / "history.sqlite"
     results = [make_result(errors={"probs": 2e-7, "logits": 4e-6}),
-               {"model": "m.keras", "device": "gpu", "skipped": "no GPU visible to TensorFlow"}]
-    layers = [{"model": "m.keras", "device": "cpu", "node": "gemm_1", "op_type": "Gemm", "tf_layer": "dense",
-               "local_error": 3e-7, "budget": 1e-5}]
+               CheckRecord("m.keras", "gpu", skipped="no GPU visible to TensorFlow")]
+    layers = [LayerRow("m.keras", "cpu", "gemm_1", "Gemm", "dense", 3e-7, 1e-5)]
     run_id = H.record_run(path, make_run(1), results, layerwise=layers)
     assert run_id == 1 and path.is_file()
     row = table(path, "SELECT model, device, output, scaled_error, budget, headroom, max_abs, max_rel, max_ulp, "
@@ -101,7 +70,7 @@ def test_load_history_is_one_row_per_run_model_device_output(tmp_path: Path) -> 
         H.record_run(path, make_run(i), [make_result("a.keras", errors={"p": 1e-7 * (i + 1), "q": 1e-6}),
                                          make_result("b.keras", "cpu", {"z": 3e-7})])
     H.tag_run(path, 2, "release")
-    df = H.load_history(path)
+    df = load_history(path)
     assert len(df) == 9 and list(df.columns[:3]) == ["run_id", "time", "time_unix"]
     assert {"git_commit", "host", "tensorflow", "tf2onnx", "cntk", "cntk_python", "tags", "model", "device",
             "output", "scaled_error", "budget", "headroom", "max_ulp", "cosine", "top1", "stage", "passed",
@@ -109,8 +78,8 @@ def test_load_history_is_one_row_per_run_model_device_output(tmp_path: Path) -> 
     assert str(df["time"].dt.tz) == "UTC" and df["passed"].dtype == bool
     assert df.groupby(["run_id", "model", "device", "output"]).size().max() == 1
     assert set(df.loc[df["run_id"] == 2, "tags"]) == {"release"}
-    assert len(H.load_history(path, since=2, model="A.KERAS")) == 4  # runs 2-3, model a: p and q
-    assert len(H.load_history(path, since="2023-11-14T23:00:00+00:00")) == 6  # 1.7e9 + 3600 is 23:13
+    assert len(load_history(path, since=2, model="A.KERAS")) == 4  # runs 2-3, model a: p and q
+    assert len(load_history(path, since="2023-11-14T23:00:00+00:00")) == 6  # 1.7e9 + 3600 is 23:13
 
 
 def test_git_commit_inside_and_outside_a_repository(tmp_path: Path) -> None:
@@ -122,8 +91,8 @@ def test_git_commit_inside_and_outside_a_repository(tmp_path: Path) -> None:
 
 def test_run_info_has_host_commit_and_both_sides_versions() -> None:
     run = H.run_info(ROOT, options={"seed": 3}, results=[make_result()])
-    assert run["host"] and run["options"] == {"seed": 3}
-    assert run["versions"]["cntk"] == "2.7" and run["versions"]["python"]
+    assert run.host and run.options == {"seed": 3}
+    assert run.versions["cntk"] == "2.7" and run.versions["python"]
 
 
 # -- concurrency --------------------------------------------------------------------------------
@@ -131,9 +100,8 @@ def test_run_info_has_host_commit_and_both_sides_versions() -> None:
 def _writer(path: str, worker: int, runs: int) -> None:
     for i in range(runs):
         H.record_run(path, make_run(i), [make_result(f"model_{worker}.keras", errors={"a": 1e-7, "b": 2e-7}),
-                                         {"model": f"model_{worker}.keras", "device": "gpu", "skipped": "x"}],
-                     layerwise=[{"model": f"model_{worker}.keras", "device": "cpu", "node": "n", "op_type": "Gemm",
-                                 "tf_layer": "d", "local_error": 1e-7, "budget": 1e-5}])
+                                         CheckRecord(f"model_{worker}.keras", "gpu", skipped="x")],
+                     layerwise=[LayerRow(f"model_{worker}.keras", "cpu", "n", "Gemm", "d", 1e-7, 1e-5)])
 
 
 def test_concurrent_writers_lose_no_rows(tmp_path: Path) -> None:
@@ -159,7 +127,7 @@ def test_concurrent_writers_lose_no_rows(tmp_path: Path) -> None:
 
 def _assert_refused(path: Path, *words: str) -> None:
     before = path.read_bytes()
-    for attempt in (lambda: H.record_run(path, make_run(), [make_result()]), lambda: H.load_history(path),
+    for attempt in (lambda: H.record_run(path, make_run(), [make_result()]), lambda: load_history(path),
                     lambda: H.tag_run(path, 1, "x")):
         with pytest.raises(HistoryError) as info:
             attempt()
@@ -222,7 +190,7 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
 def test_a_missing_file_is_not_created_by_readers(tmp_path: Path) -> None:
     path = tmp_path / "none.sqlite"
     with pytest.raises(HistoryError, match="no history"):
-        H.load_history(path)
+        load_history(path)
     assert resolve_baseline(path, "latest") is None
     assert not path.exists()
 
@@ -259,7 +227,7 @@ def test_a_version_1_file_is_migrated_in_place(tmp_path: Path) -> None:
     assert table(path, f"SELECT version FROM {H.SCHEMA_TABLE} ORDER BY version") == [(1,), (2,)]
     assert table(path, "SELECT run_id, tensorflow, tf2onnx, cntk, passed FROM runs ORDER BY run_id")[:2] == \
         [(1, "2.15.0", "1.16.1", "2.7", 1), (2, "2.16.1", "1.16.1", "2.7", 1)]
-    df = H.load_history(path)
+    df = load_history(path)
     assert df["run_id"].tolist() == [1, 2, 3]
     assert df["headroom"].tolist()[:2] == pytest.approx([50.0, 25.0])  # backfilled from budget / error
     assert df["time"].iloc[0].isoformat() == "2024-01-01T10:00:00+00:00"

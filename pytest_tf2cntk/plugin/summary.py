@@ -1,0 +1,77 @@
+"""What a run shows and writes: the summary table, the GitHub step summary, the JSON report and
+the JUnit properties of an item. Reads the session's typed records only."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pytest_tf2cntk.history.records import CheckRecord, RunPayload, RunReport
+from pytest_tf2cntk.tables import markdown_table, text_table
+from pytest_tf2cntk.versions import host_versions
+
+HEADER = ("model", "device", "output", "error", "budget", "headroom", "examples", "verdict")
+
+
+def summary_rows(run: RunPayload) -> list[tuple[str, ...]]:
+    rows = []
+    for r in sorted(run.results, key=lambda r: (r.model, r.device)):
+        if r.result is None:
+            rows.append((r.model, r.device, "-", "-", "-", "-", "-", f"skipped: {r.skipped}"))
+            continue
+        for name, o in sorted(r.result.outputs.items()):
+            rows.append((r.model, r.device, name, f"{o.scaled_error:.3g}", f"{o.budget.value:.3g}",
+                         f"{o.headroom:.3g}x", str(r.result.examples),
+                         "PASS" if o.passed else f"FAIL ({o.stage})"))
+    for c in run.conversions:
+        if not c.ok:
+            rows.append((c.model, "-", "-", "-", "-", "-", "-", f"conversion failed: {c.error.splitlines()[0]}"))
+    return rows
+
+
+def summary_lines(run: RunPayload) -> list[str]:
+    rows = summary_rows(run)
+    return text_table([HEADER] + rows) if rows else []
+
+
+def markdown(run: RunPayload) -> str:
+    return "\n".join(["## tf2cntk parity", ""] + markdown_table(HEADER, summary_rows(run))) + "\n"
+
+
+def run_passed(run: RunPayload) -> bool:
+    """Every check that ran passed and every conversion succeeded (a skip is neither)."""
+    return (all(r.result.passed for r in run.results if r.result is not None)
+            and all(c.ok for c in run.conversions))
+
+
+def report(run: RunPayload, *, started: float, exitstatus: int, settings: dict[str, Any],
+           models: list[str]) -> RunReport:
+    return RunReport(time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.time() - started, int(exitstatus), run_passed(run),
+                     settings, models, host_versions(), run.conversions, run.results)
+
+
+def write_report(path: Path, report_: RunReport) -> None:
+    """Atomically: a reader never sees half a report."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(report_.to_json(), indent=1), "utf-8")
+    os.replace(tmp, path)
+
+
+def junit_properties(record: CheckRecord | None) -> list[tuple[str, Any]]:
+    """Key numbers of a parity check for JUnit XML (record_property)."""
+    if record is None or record.result is None:
+        return []
+    result = record.result
+    props: list[tuple[str, Any]] = [("tf2cntk_passed", result.passed), ("tf2cntk_examples", result.examples)]
+    for name, c in result.outputs.items():
+        props += [(f"tf2cntk_{name}_scaled_error", f"{c.scaled_error:.6g}"),
+                  (f"tf2cntk_{name}_budget", f"{c.budget.value:.6g}"),
+                  (f"tf2cntk_{name}_headroom", f"{c.headroom:.6g}")]
+    if result.reproducer:
+        props.append(("tf2cntk_reproducer", result.reproducer))
+    props += [(f"tf2cntk_{name}_drift_ratio", f"{v.ratio:.4g}") for name, v in record.drift.items()
+              if v.ratio is not None]
+    return props

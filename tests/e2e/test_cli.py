@@ -1,0 +1,114 @@
+"""The tf2cntk command in fresh processes: bad input in one paragraph with exit 2, convert, check,
+and the commands that must work when the host's heavy packages cannot be imported."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.paths import FIXTURES, ROOT
+
+CLI = str(Path(sys.executable).parent / "tf2cntk")
+
+
+def run(*args: str, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=300, cwd=cwd,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env})
+
+
+def _bad_inputs(tmp: Path) -> dict[str, Path]:
+    (tmp / "empty").mkdir()
+    trunc = tmp / "trunc.keras"
+    trunc.write_bytes((FIXTURES / "mlp.keras").read_bytes()[:300])
+    rand_h5 = tmp / "random.h5"
+    rand_h5.write_bytes(os.urandom(4096))
+    sm = tmp / "randsm"
+    sm.mkdir()
+    (sm / "saved_model.pb").write_bytes(os.urandom(4096))
+    nosig = tmp / "nosig"
+    import tensorflow as tf
+
+    class Plain(tf.Module):
+        def __init__(self) -> None:
+            self.v = tf.Variable(1.0)
+
+    tf.saved_model.save(Plain(), str(nosig))
+    return {"missing": tmp / "nope.keras", "empty dir": tmp / "empty", "truncated .keras": trunc,
+            "random .h5": rand_h5, "random saved_model.pb": sm, "no signatures": nosig}
+
+
+EXPECTED = {"missing": "does not exist", "empty dir": "is empty", "truncated .keras": "not a valid .keras",
+            "random .h5": "not an HDF5 file", "random saved_model.pb": "could not read the SavedModel",
+            "no signatures": "has no signatures"}
+
+
+def test_bad_inputs_give_one_paragraph_and_exit_2(tmp_path: Path) -> None:
+    for label, path in _bad_inputs(tmp_path).items():
+        done = run("convert", str(path), "--cache-dir", str(tmp_path / "c"))
+        assert done.returncode == 2, (label, done.stderr)
+        assert EXPECTED[label] in done.stderr, (label, done.stderr)
+        assert "Traceback" not in done.stderr, (label, done.stderr)
+        ours = done.stderr[done.stderr.index("tf2cntk convert: error"):]
+        assert len(ours.strip().splitlines()) <= 4, (label, ours)
+
+
+@pytest.mark.needs_cntk
+def test_convert_cli_reports_and_loads_in_cntk(tmp_path: Path) -> None:
+    out = tmp_path / "cnn.onnx"
+    done = run("convert", str(FIXTURES / "cnn_bn.keras"), "--batch", "2", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "squeeze_to_reshape" in done.stdout and "cntk      loaded" in done.stdout
+    assert out.stat().st_size > 1000
+
+
+BLOCKED = ("import sys\n"
+           "for name in {blocked!r}: sys.modules[name] = None  # importing it now raises ImportError\n"
+           "from pytest_tf2cntk.cli import main\n"
+           "sys.exit(main({argv!r}))\n")
+
+
+def run_blocked(argv: list[str], blocked: tuple[str, ...] = ("onnx", "tensorflow", "tf2onnx")) -> subprocess.CompletedProcess:
+    """The command in a host where ``blocked`` cannot be imported, as on a broken install."""
+    return subprocess.run([sys.executable, "-c", BLOCKED.format(blocked=blocked, argv=argv)], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+
+
+@pytest.mark.needs_cntk
+def test_doctor_and_setup_answer_when_onnx_and_tensorflow_cannot_be_imported() -> None:
+    doctor = run_blocked(["doctor"])
+    assert doctor.returncode == 1, doctor.stderr
+    assert "Traceback" not in doctor.stderr
+    lines = doctor.stdout.splitlines()
+    assert any(ln.split()[:3] == ["host", "onnx", "MISSING"] for ln in lines), doctor.stdout
+    assert any(ln.split()[:3] == ["host", "tensorflow", "MISSING"] for ln in lines), doctor.stdout
+    assert any(ln.split()[:2] == ["cntk", "cntk"] and "2.7" in ln for ln in lines), doctor.stdout
+    assert "onnx cannot be imported on the host" in doctor.stdout and "pip install onnx" in doctor.stdout
+    setup = run_blocked(["setup"])
+    assert setup.returncode == 0 and "already set up" in setup.stdout, setup.stdout + setup.stderr
+    listed = run_blocked(["--help"])
+    assert listed.returncode == 0 and all(c in listed.stdout for c in ("check", "localize", "report"))
+
+
+def test_a_wrong_value_in_pyproject_is_one_paragraph_with_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text("[tool.tf2cntk]\nbatch = 0\n")
+    done = run("convert", str(FIXTURES / "mlp.keras"), "--no-load", cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "[tool.tf2cntk] batch: must be >= 1 (got 0)" in done.stderr, done.stderr
+    (tmp_path / "pyproject.toml").write_text("[tool.tf2cntk]\nbatchsize = 4\n")
+    done = run("convert", str(FIXTURES / "mlp.keras"), "--no-load", cwd=tmp_path)
+    assert done.returncode == 2 and "unknown key(s) batchsize" in done.stderr, done.stderr
+
+
+@pytest.mark.needs_cntk
+def test_check_reports_an_unusable_device_as_skipped_never_passed(tmp_path: Path) -> None:
+    done = run("check", str(FIXTURES / "mlp.keras"), "--batch", "2", "--max-examples", "2", "--devices", "gpu",
+               cwd=tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "gpu: skipped: no GPU visible to TensorFlow" in done.stdout
+    assert "nothing was checked" in done.stdout and "PASSED" not in done.stdout
+    both = run("check", str(FIXTURES / "mlp.keras"), "--batch", "2", "--max-examples", "2", cwd=tmp_path)
+    assert both.returncode == 0, both.stdout + both.stderr
+    assert "tf2cntk parity PASSED" in both.stdout and "gpu: skipped" in both.stdout
