@@ -36,6 +36,7 @@ class Option:
     shown: str | None = None  # the default as --help shows it, when the value itself says little
     group: str = PLUGIN
     pytest_flag: str | None = None  # when it differs from --tf2cntk-NAME
+    choices: tuple[str, ...] = ()  # text options: the values allowed
 
     @property
     def in_pytest(self) -> bool:
@@ -72,6 +73,8 @@ class Option:
             items = [raw] if isinstance(raw, str) else list(raw)
             return tuple(str(i) for i in items)
         if self.kind not in ("int", "float"):
+            if self.choices and str(raw) not in self.choices:
+                raise ValueError(f"must be one of {', '.join(self.choices)}, not {raw!r}")
             return str(raw)
         try:
             value = int(raw) if self.kind == "int" else float(raw)
@@ -97,6 +100,9 @@ OPTIONS: tuple[Option, ...] = (
            group=CONVERSION),
     Option("seed", None, "Hypothesis seed (default: random locally, derandomized when $CI is set)",
            "int", "N", minimum=0, shown="random", group=PARITY),
+    Option("reference", "auto", "what the verdict measures CNTK against: auto (a float64 twin of the model, "
+                                "built by the tool; where none can be built, the a-priori budget), off "
+                                "(the a-priori budget only)", metavar="MODE", group=PARITY, choices=("auto", "off")),
     Option("budget_scale", 1.0, "multiply every tolerance budget by this factor", "float", "X",
            minimum=0, strict=True, group=PARITY),
     Option("cntk_python", None, "python of the CNTK 2.7 environment (default: $TF2CNTK_CNTK_PYTHON, "
@@ -171,6 +177,7 @@ class Settings:
     batch: int = default("batch")
     opset: int = default("opset")
     seed: int | None = default("seed")
+    reference: str = default("reference")
     budget_scale: float = default("budget_scale")
     cntk_python: str | None = default("cntk_python")
     report: Path | None = default("report")

@@ -80,6 +80,8 @@ class Conversion:
     key: str
     _onnx: onnx.ModelProto | None = field(default=None, repr=False)
     _tf: TFModel | None = field(default=None, repr=False)
+    _twin: Any = field(default=None, repr=False)
+    _graph64: Any = field(default=None, repr=False)
 
     @property
     def batch(self) -> int:
@@ -101,6 +103,25 @@ class Conversion:
         if self._tf is None:
             self._tf = load_tf_model(self.source, self.options.signature, self.options.unsafe_load)
         return self._tf
+
+    def float64_twin(self) -> Any:
+        """The model's float64 twin (``convert.twin``), built on first use; a ``TwinUnavailable``
+        saying why each route gave up when there is none."""
+        if self._twin is None:
+            from pytest_tf2cntk.convert.twin.build import build_twin
+
+            self._twin = build_twin(self)
+        return self._twin
+
+    def float64_graph(self) -> Any:
+        """The converted graph itself in float64 (``convert.twin``'s ONNX route, unchecked): what
+        it computes, rounding aside, to compare with the twin (a converter bug shows there)."""
+        if self._graph64 is None:
+            from pytest_tf2cntk.convert.twin.build import build_twin
+            from pytest_tf2cntk.convert.twin.core import ROUTE_ONNX
+
+            self._graph64 = build_twin(self, routes=(ROUTE_ONNX,), check=False)
+        return self._graph64
 
     def summary(self, cntk_onnx: str | os.PathLike | None = None) -> ConversionSummary:
         return ConversionSummary(str(self.onnx_path), str(cntk_onnx or self.onnx_path), self.batch, self.opset,

@@ -273,7 +273,8 @@ def _fmt(v: Any, kind: str = "g") -> str:
 
 
 CURRENT_COLS = [("model", "s"), ("device", "s"), ("output", "s"), ("run_id", "int"), ("scaled_error", "g"),
-                ("budget", "g"), ("headroom", "x"), ("passed", "pass"), ("stage", "s")]
+                ("float32_noise", "g"), ("budget", "g"), ("headroom", "x"), ("rule", "s"), ("passed", "pass"),
+                ("stage", "s")]
 DRIFT_COLS = [("model", "s"), ("device", "s"), ("output", "s"), ("baseline_run", "int"), ("baseline_error", "g"),
               ("scaled_error", "g"), ("ratio", "x"), ("noise", "x"), ("drift", "bool")]
 MOVER_COLS = [("model", "s"), ("device", "s"), ("output", "s"), ("ratio", "x"), ("noise", "x"), ("drift", "bool"),
@@ -281,7 +282,8 @@ MOVER_COLS = [("model", "s"), ("device", "s"), ("output", "s"), ("ratio", "x"), 
 LAYER_COLS = [("model", "s"), ("device", "s"), ("op_type", "s"), ("nodes", "int"), ("worst_node", "s"),
               ("min_headroom", "x"), ("baseline_min_headroom", "x"), ("max_ratio", "x"), ("drifted_nodes", "int")]
 SKIP_COLS = [("model", "s"), ("device", "s"), ("reason", "s")]
-HEADERS = {"run_id": "run", "scaled_error": "error", "baseline_run": "baseline run",
+HEADERS = {"run_id": "run", "scaled_error": "error", "baseline_run": "baseline run", "budget": "allowed",
+           "float32_noise": "float32 noise",
            "baseline_error": "baseline error", "noise": "noise band", "min_headroom": "min headroom",
            "baseline_min_headroom": "baseline", "max_ratio": "max ratio", "drifted_nodes": "drifted",
            "worst_node": "worst node", "op_type": "op type", "passed": "verdict", "scaled_error_now": "error"}

@@ -4,20 +4,24 @@ The plugin passes the path (default ``<rootdir>/.tf2cntk/history.sqlite``). One 
 (time, host, git commit, versions of both sides, options), one per model x device x output
 with every metric, optional per-node rows from layerwise localization, and run tags.
 
-Schema (version 2; ``tf2cntk_schema`` holds one row per applied version)::
+Schema (version 3; ``tf2cntk_schema`` holds one row per applied version)::
 
   runs     run_id PK, time (ISO 8601 UTC), time_unix, host, git_commit, passed, exitstatus,
            duration, versions (JSON), options (JSON), and one TEXT column per version key:
            tensorflow tf2onnx onnx onnxruntime keras numpy python | cntk cntk_numpy cntk_python
   results  (run_id, model, device, output) PK, scaled_error, budget, headroom, max_abs, max_rel,
            max_ulp, cosine, top1, stage, passed, examples, unit_roundoff, budget_overridden,
-           converter_error (TF vs ORT), importer_error (ORT vs CNTK)
+           converter_error (TF vs ORT), importer_error (ORT vs CNTK), and since version 3 the
+           measured verdict: rule (measured | a-priori budget | user budget), reference (the
+           float64 twin, or why none), tf32_error and ort32_error (vs the truth), float32_noise;
+           under the measured rule scaled_error is CNTK vs the truth and budget the limit
   layers   (run_id, model, device, node) PK, op_type, tf_layer, local_error, budget
   skips    (run_id, model, device) PK, reason
   tags     name PK, run_id, tagged
 
 Version 1 was the minimal first layout: runs(run_id, time, git_commit, versions, options) and
-results(run_id, model, device, output, scaled_error, budget, passed). A new file is created by
+results(run_id, model, device, output, scaled_error, budget, passed). Version 2 rows read back
+under version 3 with rule "a-priori budget" (what they were judged by). A new file is created by
 running every migration from 0, so fresh and migrated files cannot differ.
 
 Choices: a skipped check (``{model, device, skipped: reason}``) goes to ``skips``, so an
@@ -50,11 +54,11 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 from pytest_tf2cntk.errors import HistoryError
 from pytest_tf2cntk.history.records import CheckRecord
 from pytest_tf2cntk.parity.localize.report import LayerRow
-from pytest_tf2cntk.parity.result import OutputCheck, ParityResult
+from pytest_tf2cntk.parity.result import RULE_MEASURED, OutputCheck, ParityResult
 from pytest_tf2cntk.versions import host_versions
 
 APPLICATION_ID = 0x54463243  # "TF2C" in the SQLite header: tells our files from anyone else's
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA_TABLE = "tf2cntk_schema"
 DEFAULT_RELATIVE_PATH = Path(".tf2cntk") / "history.sqlite"
 BUSY_TIMEOUT_S = 10.0  # SQLite waits this long for a lock before reporting "database is locked"
@@ -64,7 +68,8 @@ CNTK_VERSION_KEYS = ("cntk", "cntk_numpy", "cntk_python")
 VERSION_KEYS = HOST_VERSION_KEYS + CNTK_VERSION_KEYS
 RESULT_COLUMNS = ("run_id", "model", "device", "output", "scaled_error", "budget", "headroom", "max_abs",
                   "max_rel", "max_ulp", "cosine", "top1", "stage", "passed", "examples", "unit_roundoff",
-                  "budget_overridden", "converter_error", "importer_error")
+                  "budget_overridden", "converter_error", "importer_error", "rule", "reference", "tf32_error",
+                  "ort32_error", "float32_noise")
 LAYER_COLUMNS = ("run_id", "model", "device", "node", "op_type", "tf_layer", "local_error", "budget")
 
 T = TypeVar("T")
@@ -116,7 +121,15 @@ def _migrate_1_to_2(con: sqlite3.Connection) -> None:
     con.execute("UPDATE runs SET passed = (SELECT MIN(passed) FROM results WHERE results.run_id = runs.run_id)")
 
 
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _migrate_0_to_1, 1: _migrate_1_to_2}
+def _migrate_2_to_3(con: sqlite3.Connection) -> None:
+    for col in ("rule TEXT", "reference TEXT", "tf32_error REAL", "ort32_error REAL", "float32_noise REAL"):
+        con.execute(f"ALTER TABLE results ADD COLUMN {col}")
+    con.execute("UPDATE results SET rule = CASE WHEN budget_overridden THEN 'user budget' "
+                "ELSE 'a-priori budget' END")
+
+
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _migrate_0_to_1, 1: _migrate_1_to_2,
+                                                               2: _migrate_2_to_3}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,7 +389,13 @@ def _result_row(model: str, r: ParityResult, name: str, o: OutputCheck) -> tuple
             _num(t.max_rel), _num(t.max_ulp), _num(t.cosine), _num(t.top1_agreement), o.stage, int(o.passed),
             r.examples, _num(b.unit_roundoff), int(bool(b.overridden)),
             _num(o.tf_vs_ort.scaled_error) if o.tf_vs_ort else None,
-            _num(o.ort_vs_cntk.scaled_error) if o.ort_vs_cntk else None)
+            _num(o.ort_vs_cntk.scaled_error) if o.ort_vs_cntk else None, o.rule, r.reference,
+            *_truth_columns(o))
+
+
+def _truth_columns(o: OutputCheck) -> tuple:
+    t = o.truth if o.rule == RULE_MEASURED else None
+    return (None, None, None) if t is None else (_num(t.tf32), _num(t.ort32), _num(t.noise))
 
 
 def _worse(a: float | None, b: float | None) -> bool:

@@ -17,6 +17,7 @@ nothing: CNTK must reproduce them bit for bit.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,8 @@ import numpy as np
 import onnx
 
 from pytest_tf2cntk.codec import Jsonable
+from pytest_tf2cntk.parity.metrics import UNIT_ROUNDOFF
+from pytest_tf2cntk.parity.truth import FLOOR_ULPS, NOISE_FACTOR
 from pytest_tf2cntk.convert import onnx_graph as og
 
 # ulps one application of the op may differ by between two correct implementations
@@ -52,8 +55,6 @@ DEFAULT_OP_ULPS: dict[str, float] = {
 }
 UNKNOWN_OP_ULPS = 8.0  # an op not in the table gets a cautious budget, and is listed in the report
 DEFAULT_HEADROOM = 12.0
-UNIT_ROUNDOFF = {np.dtype(np.float16): 2.0 ** -11, np.dtype(np.float32): 2.0 ** -24,
-                 np.dtype(np.float64): 2.0 ** -53}
 
 
 @dataclass(frozen=True)
@@ -64,18 +65,24 @@ class BudgetConfig(Jsonable):
     outputs: dict[str, float] = field(default_factory=dict)
     scale: float = 1.0
     headroom: float = DEFAULT_HEADROOM
+    noise_factor: float = NOISE_FACTOR  # the measured verdict's factor over the float32 noise
+    floor_ulps: float = FLOOR_ULPS  # ... and its floor, in units of rounding of the output
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any] | None, scale: float = 1.0) -> "BudgetConfig":
-        """From ``[tool.tf2cntk.budgets]``: ``Conv = 4``, ``headroom = 16``, ``[...budgets.outputs]``."""
+        """From ``[tool.tf2cntk.budgets]``: ``Conv = 4``, ``headroom = 16``, ``noise_factor = 10``,
+        ``floor_ulps = 8``, ``[...budgets.outputs]``."""
         data = dict(data or {})
         outputs = {str(k): float(v) for k, v in (data.pop("outputs", None) or {}).items()}
         headroom = float(data.pop("headroom", DEFAULT_HEADROOM))
         scale = scale * float(data.pop("scale", 1.0))
-        return cls({str(k): float(v) for k, v in data.items()}, outputs, scale, headroom)
+        factor = float(data.pop("noise_factor", NOISE_FACTOR))
+        floor = float(data.pop("floor_ulps", FLOOR_ULPS))
+        return cls({str(k): float(v) for k, v in data.items()}, outputs, scale, headroom, factor, floor)
 
     def scaled(self, factor: float) -> "BudgetConfig":
-        return BudgetConfig(self.op_ulps, self.outputs, self.scale * factor, self.headroom)
+        """Every allowance times ``factor``: the a-priori budgets and the measured noise factor."""
+        return dataclasses.replace(self, scale=self.scale * factor, noise_factor=self.noise_factor * factor)
 
     def ulps(self, op_type: str) -> float:
         if op_type in self.op_ulps:

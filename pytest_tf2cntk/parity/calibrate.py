@@ -10,6 +10,11 @@ records every example's scaled error per output. The proposal is
 rounded up to two significant digits, printed as ``[tool.tf2cntk.budgets.outputs]`` TOML with
 the statistics and the default composed budget in comments, so stdout can be pasted as is.
 An output with a non-finite error (shape or NaN/Inf mismatch) gets no proposal: no budget fixes it.
+
+A budget above MAX_PROPOSAL (1e-2) would switch the check off: it is never proposed. The output
+gets a warning instead that names the cause, measured where a float64 twin exists (TF32's own
+distance to the truth: an ill-conditioned model, whose float32 noise only the measured verdict
+can tell from a fault) and points to the measured verdict (``--tf2cntk-reference=auto``).
 """
 from __future__ import annotations
 
@@ -36,11 +41,12 @@ from pytest_tf2cntk.tables import text_table
 DEFAULT_MARGIN = default("margin")
 DEFAULT_SEEDS = default("seeds")
 DEFAULT_EXAMPLES = default("examples")
+MAX_PROPOSAL = 1e-2  # a fixed budget above this lets through errors no conversion should have
 
 
 @dataclass
 class OutputCalibration(Jsonable):
-    JSON_EXTRA = ("n", "median", "p99", "max", "proposed")
+    JSON_EXTRA = ("n", "median", "p99", "max", "proposed", "too_loose")
     output: str
     errors: list[float]  # every example's scaled error, all seeds
     seed_max: list[float]  # worst error of each seed: how stable the maximum is
@@ -49,6 +55,7 @@ class OutputCalibration(Jsonable):
     unit_roundoff: float
     margin: float
     nan_mismatches: int = 0
+    tf32_noise: list[float] = field(default_factory=list)  # TF32 vs the float64 twin, per example
 
     @property
     def finite(self) -> list[float]:
@@ -66,10 +73,30 @@ class OutputCalibration(Jsonable):
         return float(np.quantile(self.finite, q)) if self.finite else math.nan
 
     @property
+    def wanted(self) -> float | None:
+        """margin x the worst error, rounded up: the budget a correct conversion needs."""
+        return round_up(self.margin * max(self.max, self.unit_roundoff)) if self.usable else None
+
+    @property
     def proposed(self) -> float | None:
-        if not self.usable:
-            return None
-        return round_up(self.margin * max(self.max, self.unit_roundoff))
+        """``wanted``, unless it would switch the check off (above MAX_PROPOSAL)."""
+        wanted = self.wanted
+        return wanted if wanted is not None and wanted <= MAX_PROPOSAL else None
+
+    def too_loose(self) -> str:
+        """Why no budget is proposed although the errors are finite ("" when one is)."""
+        wanted = self.wanted
+        if wanted is None or wanted <= MAX_PROPOSAL:
+            return ""
+        if self.tf32_noise:
+            cause = (f"TF32 itself is up to {max(self.tf32_noise):.3g} from the float64 twin: the model is "
+                     "ill-conditioned, and a fixed budget cannot tell its float32 noise from a fault")
+        else:
+            cause = ("there is no float64 twin to tell whether that is the model's own float32 noise "
+                     "(ill-conditioning) or a fault")
+        return (f"a budget of {wanted:.2g} (> {MAX_PROPOSAL:g}) would switch the check off, so none is proposed: "
+                f"{cause}; the measured verdict (--tf2cntk-reference=auto, the default) judges CNTK against "
+                "that noise on each input instead")
 
     @property
     def n(self) -> int:
@@ -122,7 +149,9 @@ class Calibration(Jsonable):
                           f"({'tighter' if p < o.default_budget else 'looser'})"))
         lines += text_table(table, prefix="# ")
         for o in self.outputs.values():
-            if not o.usable:
+            if o.too_loose():
+                lines.append(f"# WARNING {o.output}: {o.too_loose()}")
+            elif not o.usable:
                 lines.append(f"# {o.output}: no proposal: {len(o.errors) - len(o.finite)} example(s) with a "
                              f"shape mismatch, {o.nan_mismatches} with NaN/Inf mismatches; no budget fixes that")
             elif o.max > o.configured_budget:
@@ -193,8 +222,11 @@ def _one_seed(engine: ParityEngine, cal: Calibration, seed: int, examples: int,
     def prop(recipes: dict[str, Any]) -> None:
         ev = engine.evaluate(materialize(recipes, engine.domains))
         for name, check in ev.checks.items():
-            cal.outputs[name].errors.append(check.scaled_error)
-            per_seed.setdefault(name, []).append(check.scaled_error)
+            error = check.tf_vs_cntk.scaled_error  # what an output budget bounds
+            cal.outputs[name].errors.append(error)
+            per_seed.setdefault(name, []).append(error)
+            if check.truth is not None:
+                cal.outputs[name].tf32_noise.append(check.truth.tf32)
             if check.tf_vs_cntk.nan_mismatch:
                 cal.outputs[name].nan_mismatches += 1
 

@@ -31,6 +31,7 @@ from pytest_tf2cntk.parity.options import Diagnose, ParityOptions
 from pytest_tf2cntk.parity.result import Evaluation, OutputCheck, ParityResult
 from pytest_tf2cntk.parity.runners import CNTKRunner, OrtRunner, TFRunner
 from pytest_tf2cntk.parity.search import Search, SearchOutcome
+from pytest_tf2cntk.parity.truth import error_vs_truth, truth_check
 from pytest_tf2cntk.versions import host_versions
 
 LAYERWISE_TIME_BUDGET = 120.0  # seconds an automatic localization after a failure may take
@@ -55,6 +56,16 @@ class ParityEngine:
         self.cntk = CNTKRunner(Path(self.cntk_onnx), self.device, self.options.cntk_python, worker,
                                {o.name: o.dtype for o in conversion.outputs})
         self._ort: OrtRunner | None = None
+        self.twin, self.reference = self._reference()
+
+    def _reference(self) -> tuple[Any, str]:
+        """The float64 twin and what it is; or None and why there is none (the a-priori budget)."""
+        if self.options.reference == "off":
+            return None, "none: --tf2cntk-reference=off"
+        t0 = time.perf_counter()
+        twin = self.conversion.float64_twin()
+        self.timings["twin_build"] = time.perf_counter() - t0
+        return (twin, f"float64 twin: {twin.label}") if twin else (None, f"none: {twin}")
 
     @property
     def ort(self) -> OrtRunner:
@@ -66,26 +77,46 @@ class ParityEngine:
 
     def evaluate(self, feeds: dict[str, np.ndarray], with_ort: bool = False) -> Evaluation:
         t0 = time.perf_counter()
-        pending = self.cntk.submit(feeds)  # CNTK computes while TF does
+        pending = self.cntk.submit(feeds)  # CNTK computes while TF and the float64 twin do
         tf_out = self.tf.run(feeds)
         t1 = time.perf_counter()
-        cntk_out = self.cntk.result(pending)
+        truth = self._truth(feeds)
         t2 = time.perf_counter()
+        cntk_out = self.cntk.result(pending)
+        t3 = time.perf_counter()
         self.timings["tf"] += t1 - t0
-        self.timings["cntk"] += t2 - t1
-        checks = {name: self._check(name, ref, cntk_out.get(name)) for name, ref in tf_out.items()}
-        ev = Evaluation(feeds, tf_out, cntk_out, checks)
-        self.timings["compare"] += time.perf_counter() - t2
-        if with_ort or not ev.passed or self.options.triage is Diagnose.ALWAYS:
+        self.timings["twin"] = self.timings.get("twin", 0.0) + t2 - t1
+        self.timings["cntk"] += t3 - t2
+        checks = {name: self._check(name, ref, cntk_out.get(name), truth) for name, ref in tf_out.items()}
+        ev = Evaluation(feeds, tf_out, cntk_out, checks, truth=truth)
+        self.timings["compare"] += time.perf_counter() - t3
+        shared_truth = self.twin is not None and not self.twin.independent  # ORT is the noise then
+        if with_ort or not ev.passed or shared_truth or self.options.triage is Diagnose.ALWAYS:
             self.attribute(ev)
         return ev
 
-    def _check(self, name: str, ref: np.ndarray, got: np.ndarray | None) -> OutputCheck:
+    def _truth(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        """The float64 twin's outputs; a twin that fails at run time hands over to the budget."""
+        if self.twin is None:
+            return None
+        try:
+            return self.twin.run(feeds)
+        except Exception as exc:
+            self.twin, self.reference = None, f"none: the float64 twin failed at run time ({type(exc).__name__}: " \
+                                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''})"
+            return None
+
+    def _check(self, name: str, ref: np.ndarray, got: np.ndarray | None,
+               truth: dict[str, np.ndarray] | None) -> OutputCheck:
         if got is None:
             got = np.full((0,), np.nan, np.float32)
         check = OutputCheck(name, self.budgets[name], compare(ref, got))
         t = check.tf_vs_cntk
         t.frac_over = fraction_over(ref, got, check.budget.value * t.ref_scale, 0.0) if t.shape_ok else 1.0
+        exact = truth is None or name not in truth or ref.dtype.kind != "f" or truth[name].shape != ref.shape
+        if not exact and t.shape_ok:
+            check.truth = truth_check(self.reference, truth[name], ref, got, factor=self.config.noise_factor,
+                                      floor_ulps=self.config.floor_ulps, independent=self.twin.independent)
         return check
 
     def attribute(self, ev: Evaluation) -> None:
@@ -95,11 +126,29 @@ class ParityEngine:
         t0 = time.perf_counter()
         ev.ort = self.ort.run(ev.feeds)
         self.timings["ort"] += time.perf_counter() - t0
+        graph = self._graph_in_float64(ev) if any(c.truth is not None and c.truth.independent
+                                                  for c in ev.checks.values()) else {}
         for name, c in ev.checks.items():
             if name in ev.ort:
                 c.tf_vs_ort = compare(ev.tf[name], ev.ort[name])
                 if name in ev.cntk:
                     c.ort_vs_cntk = compare(ev.ort[name], ev.cntk[name])
+                if c.truth is not None and ev.truth is not None:
+                    c.truth.ort32 = error_vs_truth(ev.truth[name], ev.ort[name])
+                    if name in graph:
+                        c.truth.graph = error_vs_truth(ev.truth[name], graph[name])
+
+    def _graph_in_float64(self, ev: Evaluation) -> dict[str, np.ndarray]:
+        """The converted graph evaluated in float64 on the example ({} where it cannot be): with
+        the twin it tells a converter that changed the function from mere float32 rounding."""
+        t0 = time.perf_counter()
+        try:
+            graph = self.conversion.float64_graph()
+            return graph.run(ev.feeds) if graph else {}
+        except Exception:  # a diagnosis: without it, ONNX Runtime's distance decides
+            return {}
+        finally:
+            self.timings["graph64"] = self.timings.get("graph64", 0.0) + time.perf_counter() - t0
 
     # -- a whole check -------------------------------------------------------------------------
 
@@ -120,11 +169,11 @@ class ParityEngine:
                 self.attribute(ev)
         else:
             checks = {}
-            for name, (_err, recipes_w, check) in outcome.worst.items():
+            for name, (_severity, recipes_w, check) in outcome.worst.items():
                 checks[name] = check
                 if check.tf_vs_ort is None and options.triage is not Diagnose.OFF:
                     ev = self.evaluate(materialize(recipes_w, self.domains), with_ort=True)  # its worst example
-                    check.tf_vs_ort, check.ort_vs_cntk = ev.checks[name].tf_vs_ort, ev.checks[name].ort_vs_cntk
+                    checks[name] = ev.checks[name]  # the same numbers, and ONNX Runtime's
             recipes = next(iter(outcome.worst.values()))[1] if outcome.worst else {}
         return ParityResult(
             model=str(self.conversion.source), device=self.device,
@@ -133,7 +182,7 @@ class ParityEngine:
             conversion=self.conversion.summary(self.cntk_onnx),
             inputs={k: v.describe(self.domains.get(k)) for k, v in recipes.items()},
             input_domains=dict(self.domains), timings=dict(self.timings), seed=options.seed,
-            versions=self.versions())
+            versions=self.versions(), reference=self.reference)
 
     def diagnose(self, result: ParityResult, outcome: SearchOutcome, options: ParityOptions) -> None:
         """A reproducer for a failure; a layerwise localization as ``options.layerwise`` asks."""
@@ -184,7 +233,7 @@ _P, _C = ParityOptions(), ConversionOptions()  # the defaults, from the option t
 def check_parity(model_path: str | os.PathLike, device: str = "cpu", max_examples: int = _P.max_examples, *,
                  batch: int = _C.batch, opset: int = _C.opset, signature: str | None = _C.signature,
                  unsafe_load: bool = _C.unsafe_load, cache_dir: str | os.PathLike | None = _C.cache_dir,
-                 seed: int | None = _P.seed, derandomize: bool | None = None,
+                 seed: int | None = _P.seed, derandomize: bool | None = None, reference: str = _P.reference,
                  budgets: BudgetConfig | dict | None = None, budget_scale: float = default("budget_scale"),
                  inputs: dict[str, tuple[float, float]] | None = None, edge_values: bool = _P.edge_values,
                  allow_nonfinite: bool = _P.allow_nonfinite, cntk_python: str | None = _P.cntk_python,
@@ -205,7 +254,7 @@ def check_parity(model_path: str | os.PathLike, device: str = "cpu", max_example
         derandomize = bool(os.environ.get("CI")) and seed is None
     options = ParityOptions.build(budgets=budgets, budget_scale=budget_scale, triage=triage, layerwise=layerwise,
                                   reproducer_dir=reproducer_dir, cntk_onnx=cntk_onnx, max_examples=max_examples,
-                                  seed=seed, derandomize=derandomize, inputs=dict(inputs or {}),
+                                  seed=seed, derandomize=derandomize, reference=reference, inputs=dict(inputs or {}),
                                   edge_values=edge_values, allow_nonfinite=allow_nonfinite, cntk_python=cntk_python,
                                   database=database)
     conv = conversion or convert(model_path, batch=batch, opset=opset, signature=signature,

@@ -15,6 +15,8 @@ import numpy as np
 from pytest_tf2cntk.codec import Jsonable
 
 REL_FLOOR_FRACTION = 1e-3
+UNIT_ROUNDOFF = {np.dtype(np.float16): 2.0 ** -11, np.dtype(np.float32): 2.0 ** -24,
+                 np.dtype(np.float64): 2.0 ** -53}  # half an ulp of 1, relative
 
 
 @dataclass

@@ -37,6 +37,7 @@ class Diagnose(str, enum.Enum):
 class ParityOptions:
     max_examples: int = default("max_examples")
     seed: int | None = default("seed")
+    reference: str = default("reference")  # "auto": measure against a float64 twin; "off": budget only
     derandomize: bool = False  # the same examples on every run (the default when $CI is set)
     budgets: BudgetConfig = field(default_factory=BudgetConfig)
     inputs: dict[str, tuple[float, float]] = field(default_factory=dict)  # value range per input

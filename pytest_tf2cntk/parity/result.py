@@ -2,6 +2,7 @@
 (TF vs CNTK decides; TF vs ONNX Runtime and ONNX Runtime vs CNTK say which stage broke)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -12,6 +13,7 @@ from pytest_tf2cntk.convert.pipeline import ConversionSummary
 from pytest_tf2cntk.parity.budgets import OutputBudget
 from pytest_tf2cntk.parity.localize.report import LayerRow, Localization
 from pytest_tf2cntk.parity.metrics import Metrics
+from pytest_tf2cntk.parity.truth import TruthCheck
 from pytest_tf2cntk.tables import text_table
 
 STAGE_OK = "none"
@@ -20,22 +22,41 @@ STAGE_CNTK = "CNTK importer/runtime (ONNX -> CNTK)"
 STAGE_BOTH = "both converter and CNTK"
 STAGE_COMBINED = "undetermined: converter and CNTK errors add up, neither alone exceeds the budget"
 STAGE_UNKNOWN = "unknown (ONNX Runtime not run)"
+STAGE_UNDETERMINED = ("undetermined: CNTK is far from the float64 truth but close to ONNX Runtime, which is "
+                      "close to the truth")
+
+
+RULE_MEASURED = "measured"  # against the float64 truth and the float32 noise
+RULE_BUDGET = "a-priori budget"  # composed from the graph (no float64 twin)
+RULE_USER = "user budget"  # [tool.tf2cntk.budgets.outputs]
 
 
 @dataclass
 class OutputCheck(Jsonable):
-    """One output on one example: the three comparisons and the verdict."""
+    """One output on one example: the comparisons and the verdict by its rule."""
 
-    JSON_EXTRA = ("passed", "reasons", "scaled_error", "headroom", "stage")
+    JSON_EXTRA = ("passed", "reasons", "rule", "scaled_error", "allowed", "headroom", "stage")
     output: str
-    budget: OutputBudget
+    budget: OutputBudget  # the a-priori (or the user's) budget, always computed
     tf_vs_cntk: Metrics
     tf_vs_ort: Metrics | None = None  # the converter's share
     ort_vs_cntk: Metrics | None = None  # CNTK's importer and runtime's share
+    truth: TruthCheck | None = None  # against the float64 twin, when there is one
+
+    @property
+    def rule(self) -> str:
+        if self.budget.overridden:
+            return RULE_USER
+        return RULE_MEASURED if self.truth is not None else RULE_BUDGET
 
     @property
     def scaled_error(self) -> float:
-        return self.tf_vs_cntk.scaled_error
+        """CNTK's error: against the truth (measured rule), else against TF32."""
+        return self.truth.cntk if self.rule == RULE_MEASURED else self.tf_vs_cntk.scaled_error
+
+    @property
+    def allowed(self) -> float:
+        return self.truth.limit if self.rule == RULE_MEASURED else self.budget.value
 
     @property
     def reasons(self) -> list[str]:
@@ -47,8 +68,16 @@ class OutputCheck(Jsonable):
             out.append("dtype differs")
         if t.nan_mismatch:
             out.append(f"{t.nan_mismatch} NaN/Inf element(s) differ")
-        if t.shape_ok and self.scaled_error > self.budget.value:
-            out.append(f"scaled error {self.scaled_error:.3g} > budget {self.budget.value:.3g}")
+        if self.rule == RULE_MEASURED and not self.truth.independent and self.tf_vs_ort is not None \
+                and self.tf_vs_ort.scaled_error > self.budget.value:
+            out.append(f"TF vs ONNX Runtime {self.tf_vs_ort.scaled_error:.3g} > a-priori budget "
+                       f"{self.budget.value:.3g} (the truth is the converted graph: the converter is judged so)")
+        if t.shape_ok and self.scaled_error > self.allowed:
+            if self.rule == RULE_MEASURED:
+                out.append(f"error {self.scaled_error:.3g} vs the float64 truth is {self.truth.ratio:.3g}x the "
+                           f"float32 noise {self.truth.noise:.3g} (limit {self.truth.factor:g}x)")
+            else:
+                out.append(f"scaled error {self.scaled_error:.3g} > {self.rule} {self.allowed:.3g}")
         return out
 
     @property
@@ -57,7 +86,12 @@ class OutputCheck(Jsonable):
 
     @property
     def headroom(self) -> float:
-        return self.budget.value / self.scaled_error if self.scaled_error > 0 else float("inf")
+        return self.allowed / self.scaled_error if self.scaled_error > 0 else float("inf")
+
+    @property
+    def severity(self) -> float:
+        """How close to failing: error / allowed (a failing example always ranks above)."""
+        return math.inf if not self.passed else (1.0 / self.headroom if self.headroom > 0 else math.inf)
 
     @property
     def stage(self) -> str:
@@ -65,15 +99,33 @@ class OutputCheck(Jsonable):
             return STAGE_OK
         if self.tf_vs_ort is None or self.ort_vs_cntk is None:
             return STAGE_UNKNOWN
+        if self.rule == RULE_MEASURED:
+            return self._measured_stage()
         conv, cntk = self.tf_vs_ort, self.ort_vs_cntk
         conv_bad = conv.scaled_error > self.budget.value or conv.nan_mismatch > 0
         cntk_bad = (cntk.scaled_error > self.budget.value or cntk.nan_mismatch > 0 or not cntk.dtype_ok
                     or not cntk.shape_ok)
-        if conv_bad and cntk_bad:
-            return STAGE_BOTH
-        if not conv_bad and not cntk_bad:
-            return STAGE_COMBINED
-        return STAGE_CONVERTER if conv_bad else STAGE_CNTK
+        return _stage(conv_bad, cntk_bad, STAGE_COMBINED)
+
+    def _measured_stage(self) -> str:
+        """Converter: its graph (in float64) far from the truth, CNTK matching ORT32; CNTK: CNTK far
+        from the truth while the graph is right."""
+        truth, cntk = self.truth, self.ort_vs_cntk
+        if truth.ort32 is None:
+            return STAGE_UNKNOWN
+        conv_bad = truth.converter_wrong or self.tf_vs_ort.nan_mismatch > 0 or (
+            not truth.independent and self.tf_vs_ort.scaled_error > self.budget.value)
+        cntk_bad = (cntk.scaled_error > truth.limit or cntk.nan_mismatch > 0 or not cntk.dtype_ok
+                    or not cntk.shape_ok) if conv_bad else not truth.passed
+        return _stage(conv_bad, cntk_bad, STAGE_UNDETERMINED)
+
+
+def _stage(conv_bad: bool, cntk_bad: bool, neither: str) -> str:
+    if conv_bad and cntk_bad:
+        return STAGE_BOTH
+    if not conv_bad and not cntk_bad:
+        return neither
+    return STAGE_CONVERTER if conv_bad else STAGE_CNTK
 
 
 @dataclass
@@ -92,6 +144,7 @@ class ParityResult(Jsonable):
     seed: int | None = None
     versions: dict[str, str] = field(default_factory=dict)
     localization: Localization | None = None
+    reference: str = ""  # the float64 twin's route, or why there is none (then the a-priori budget)
 
     @property
     def failing_outputs(self) -> list[OutputCheck]:
@@ -104,14 +157,15 @@ class ParityResult(Jsonable):
         return self.localization.layer_rows(self.model, self.device)
 
     def table(self) -> str:
-        rows = [("output", "scaled err", "budget", "headroom", "max abs", "at", "max ulp", "cosine",
+        rows = [("output", "error", "TF32 noise", "ORT32 noise", "ratio", "allowed", "rule", "max abs", "at",
                  "top-1", "stage")]
         for c in self.outputs.values():
-            t = c.tf_vs_cntk
-            rows.append((c.output, f"{c.scaled_error:.3g}", f"{c.budget.value:.3g}", f"{c.headroom:.3g}x",
-                         f"{t.max_abs:.3g}", str(list(t.max_abs_at)), f"{t.max_ulp:.0f}",
-                         f"{t.cosine:.9f}", "-" if t.top1_agreement is None else f"{t.top1_agreement:.0%}",
-                         c.stage))
+            t, truth = c.tf_vs_cntk, c.truth if c.rule == RULE_MEASURED else None
+            rows.append((c.output, _g(c.scaled_error), _g(truth.tf32) if truth else "-",
+                         _g(truth.ort32) if truth and truth.ort32 is not None else "-",
+                         f"{truth.ratio:.3g}x" if truth else "-", _g(c.allowed), c.rule,
+                         _g(t.max_abs), str(list(t.max_abs_at)),
+                         "-" if t.top1_agreement is None else f"{t.top1_agreement:.0%}", c.stage))
         return "\n".join(text_table(rows))
 
     def __str__(self) -> str:
@@ -119,7 +173,7 @@ class ParityResult(Jsonable):
         lines = [f"tf2cntk parity {verdict}: {self.model} on {self.device} "
                  f"({self.examples} examples, {self.seconds:.1f} s)", self.table()]
         for c in self.failing_outputs:
-            lines += _failure_lines(c)
+            lines += _failure_lines(c, self.reference)
         if not self.passed and self.inputs:
             lines.append("input: " + "; ".join(f"{k}: {v}" for k, v in self.inputs.items()))
         if self.localization is not None:
@@ -131,11 +185,24 @@ class ParityResult(Jsonable):
         return "\n".join(lines)
 
 
-def _failure_lines(c: OutputCheck) -> list[str]:
+def _g(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def _failure_lines(c: OutputCheck, reference: str) -> list[str]:
     t = c.tf_vs_cntk
-    lines = [f"output '{c.output}' failed: {'; '.join(c.reasons)}", f"  budget {c.budget.explain()}",
-             f"  worst element {list(t.max_abs_at)}: |err| {t.max_abs:.3g} (output rms {t.ref_scale:.3g}); "
-             f"{t.frac_over:.2%} of elements over budget"]
+    lines = [f"output '{c.output}' failed: {'; '.join(c.reasons)}"]
+    if c.rule == RULE_MEASURED:
+        tr = c.truth
+        ort = "" if tr.ort32 is None else f", ONNX Runtime {tr.ort32:.3g}" + (
+            " (not counted: the converted graph is off)" if tr.converter_wrong else "")
+        graph = "" if tr.graph is None else f"; the converted graph in float64 {tr.graph:.3g}"
+        lines.append(f"  truth: {tr.reference}; errors vs it: TF32 {tr.tf32:.3g}{ort}, CNTK {tr.cntk:.3g}{graph}; "
+                     f"floor {tr.floor:.3g}")
+    else:
+        lines.append(f"  {c.rule} {c.budget.explain()}" + (f" (no float64 truth: {reference})" if reference
+                                                           and c.rule == RULE_BUDGET else ""))
+    lines.append(f"  worst element {list(t.max_abs_at)}: |CNTK - TF| {t.max_abs:.3g} (output rms {t.ref_scale:.3g})")
     if c.tf_vs_ort and c.ort_vs_cntk:
         lines.append(f"  stage: {c.stage}  [TF vs ORT {c.tf_vs_ort.scaled_error:.3g}, "
                      f"ORT vs CNTK {c.ort_vs_cntk.scaled_error:.3g}]")
@@ -151,6 +218,7 @@ class Evaluation:
     cntk: dict[str, np.ndarray]
     checks: dict[str, OutputCheck]
     ort: dict[str, np.ndarray] | None = None
+    truth: dict[str, np.ndarray] | None = None  # the float64 twin's outputs
 
     @property
     def passed(self) -> bool:

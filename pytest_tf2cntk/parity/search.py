@@ -27,7 +27,7 @@ Recipes = dict[str, InputRecipe]
 class SearchOutcome:
     evaluations: int = 0
     failure: tuple[Recipes, Evaluation] | None = None  # the smallest failing example found
-    # per output: the worst example seen (a failing one always wins over passing ones)
+    # per output: the worst example seen, by error / allowed (a failing one always wins)
     worst: dict[str, tuple[float, Recipes, OutputCheck]] = field(default_factory=dict)
 
 
@@ -77,8 +77,8 @@ class Search:
             self.progress(out.evaluations, self.options.max_examples)
         for name, c in ev.checks.items():
             held = out.worst.get(name)
-            if held is None or (held[2].passed and (not c.passed or c.scaled_error > held[0])):
-                out.worst[name] = (c.scaled_error, recipes, c)
+            if held is None or (held[2].passed and (not c.passed or c.severity > held[0])):
+                out.worst[name] = (c.severity, recipes, c)
         if not ev.passed:
             self.failures[key] = (recipes, ev)
 

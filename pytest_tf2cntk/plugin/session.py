@@ -176,6 +176,7 @@ class Tf2CntkSession:
         s = self.settings
         values: dict[str, Any] = dict(
             max_examples=s.max_examples, seed=s.seed, derandomize=bool(os.environ.get("CI")) and s.seed is None,
+            reference=s.reference,
             budgets={**s.budgets, **parse_budget_table(budgets)}, budget_scale=s.budget_scale,
             inputs={**s.inputs, **(inputs or {})}, edge_values=s.edge_values, cntk_python=s.cntk_python,
             reproducer_dir=self.rootdir / ".tf2cntk" / "reproducers",

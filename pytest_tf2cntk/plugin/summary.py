@@ -9,26 +9,37 @@ from pathlib import Path
 from typing import Any
 
 from pytest_tf2cntk.history.records import CheckRecord, RunPayload, RunReport
+from pytest_tf2cntk.parity.result import RULE_MEASURED, OutputCheck
 from pytest_tf2cntk.tables import markdown_table, text_table
 from pytest_tf2cntk.versions import host_versions
 
-HEADER = ("model", "device", "output", "error", "budget", "headroom", "examples", "verdict")
+HEADER = ("model", "device", "output", "error", "float32 noise", "ratio", "allowed", "rule", "examples",
+          "verdict")
 
 
 def summary_rows(run: RunPayload) -> list[tuple[str, ...]]:
+    """Per output: CNTK's error (vs the float64 truth under the measured rule), the float32 noise
+    (TF32 / ORT32 vs the truth), their ratio, what was allowed, by which rule."""
     rows = []
     for r in sorted(run.results, key=lambda r: (r.model, r.device)):
         if r.result is None:
-            rows.append((r.model, r.device, "-", "-", "-", "-", "-", f"skipped: {r.skipped}"))
+            rows.append((r.model, r.device, "-", "-", "-", "-", "-", "-", "-", f"skipped: {r.skipped}"))
             continue
         for name, o in sorted(r.result.outputs.items()):
-            rows.append((r.model, r.device, name, f"{o.scaled_error:.3g}", f"{o.budget.value:.3g}",
-                         f"{o.headroom:.3g}x", str(r.result.examples),
-                         "PASS" if o.passed else f"FAIL ({o.stage})"))
+            rows.append((r.model, r.device, name, f"{o.scaled_error:.3g}", *_noise(o), f"{o.allowed:.3g}", o.rule,
+                         str(r.result.examples), "PASS" if o.passed else f"FAIL ({o.stage})"))
     for c in run.conversions:
         if not c.ok:
-            rows.append((c.model, "-", "-", "-", "-", "-", "-", f"conversion failed: {c.error.splitlines()[0]}"))
+            rows.append((c.model,) + ("-",) * 8 + (f"conversion failed: {c.error.splitlines()[0]}",))
     return rows
+
+
+def _noise(o: OutputCheck) -> tuple[str, str]:
+    t = o.truth if o.rule == RULE_MEASURED else None
+    if t is None:
+        return "-", "-"
+    ort = "" if t.ort32 is None else f" / {t.ort32:.2g}"
+    return f"{t.tf32:.2g}{ort}", f"{t.ratio:.3g}x"
 
 
 def summary_lines(run: RunPayload) -> list[str]:
@@ -68,8 +79,12 @@ def junit_properties(record: CheckRecord | None) -> list[tuple[str, Any]]:
     props: list[tuple[str, Any]] = [("tf2cntk_passed", result.passed), ("tf2cntk_examples", result.examples)]
     for name, c in result.outputs.items():
         props += [(f"tf2cntk_{name}_scaled_error", f"{c.scaled_error:.6g}"),
+                  (f"tf2cntk_{name}_allowed", f"{c.allowed:.6g}"), (f"tf2cntk_{name}_rule", c.rule),
                   (f"tf2cntk_{name}_budget", f"{c.budget.value:.6g}"),
                   (f"tf2cntk_{name}_headroom", f"{c.headroom:.6g}")]
+        if c.rule == RULE_MEASURED:
+            props += [(f"tf2cntk_{name}_tf32_noise", f"{c.truth.tf32:.6g}"),
+                      (f"tf2cntk_{name}_noise_ratio", f"{c.truth.ratio:.6g}")]
     if result.reproducer:
         props.append(("tf2cntk_reproducer", result.reproducer))
     props += [(f"tf2cntk_{name}_drift_ratio", f"{v.ratio:.4g}") for name, v in record.drift.items()

@@ -30,8 +30,8 @@ def test_model_option_alone_collects_convert_and_parity_items(project: pytest.Py
         "mlp.keras::parity?cpu? PASSED*",
         "mlp.keras::parity?gpu? SKIPPED*",
         "*tf2cntk parity summary*",
-        "model*device*output*error*budget*headroom*examples*verdict",
-        "mlp.keras*cpu*probs*PASS",
+        "model*device*output*error*float32 noise*ratio*allowed*rule*examples*verdict",
+        "mlp.keras*cpu*probs*measured*PASS",
         "mlp.keras*gpu*skipped: no GPU visible to TensorFlow*",
     ])
     assert result.ret == 0
@@ -94,7 +94,7 @@ def test_user_tests_with_fixtures_marker_and_assert_parity(project: pytest.Pytes
     result = project.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines(["*ParityFailure: tf2cntk parity FAILED*quantized.keras on cpu*",
-                                 "*output 'y' failed: scaled error * > budget*",
+                                 "*output 'y' failed: error * vs the float64 truth is *x the float32 noise *",
                                  "*stage: CNTK importer/runtime*", "*replay: tf2cntk replay*"])
     assert "__tracebackhide__" not in result.stdout.str()
     assert "def assert_parity" not in result.stdout.str()  # the helper's frame is hidden
@@ -108,8 +108,9 @@ def test_failing_model_gives_exit_1_and_a_readable_failure(project: pytest.Pytes
     result.stdout.fnmatch_lines([
         "*_ parity?cpu? _*",
         "tf2cntk parity FAILED: *quantized.keras on cpu*",
-        "output*scaled err*budget*headroom*",
-        "output 'y' failed: scaled error * > budget *",
+        "output*error*TF32 noise*ORT32 noise*ratio*allowed*rule*",
+        "output 'y' failed: error * vs the float64 truth is *x the float32 noise * (limit 10x)",
+        "  truth: float64 twin: Keras model rebuilt in float64*errors vs it: TF32 *, ONNX Runtime *, CNTK *",
         "*stage: CNTK importer/runtime (ONNX -> CNTK)*",
         "input: x: constant*",
         "reproducer: *.npz",
@@ -118,6 +119,7 @@ def test_failing_model_gives_exit_1_and_a_readable_failure(project: pytest.Pytes
     ])
     props = {p.get("name"): p.get("value") for p in ET.parse(project.path / "junit.xml").iter("property")}
     assert props["tf2cntk_passed"] == "False" and float(props["tf2cntk_y_scaled_error"]) > 0.01
+    assert props["tf2cntk_y_rule"] == "measured" and float(props["tf2cntk_y_noise_ratio"]) > 1e4
     assert props["tf2cntk_reproducer"].endswith(".npz")
 
 

@@ -16,6 +16,7 @@ from pytest_tf2cntk.parity.localize.graph import GraphFacts, to_dtype
 from pytest_tf2cntk.parity.localize.report import CONFIRMED, NOT_REPRODUCED, Confirmation, NodeReport
 from pytest_tf2cntk.parity.metrics import scaled_error
 from pytest_tf2cntk.parity.runners import cached_ort
+from pytest_tf2cntk.parity.truth import error_vs_truth
 
 # ops whose output is a sum of products of their inputs: their rounding error scales with the
 # magnitude of the terms, so the budget gets the node's condition number (see ``condition``)
@@ -30,6 +31,7 @@ class NodeInputs:
     inputs: dict[str, np.ndarray]
     consts: dict[str, np.ndarray]
     local: dict[str, np.ndarray] = field(default_factory=dict)  # ONNX Runtime's node-alone outputs
+    truth: dict[str, np.ndarray] = field(default_factory=dict)  # the node alone in float64
     cntk: dict[str, np.ndarray] = field(default_factory=dict)  # CNTK's values of its outputs in the graph
     cntk_error: str = ""  # CNTK could not compute the node in the graph: why
 
@@ -67,6 +69,18 @@ def run_alone(node: onnx.NodeProto, values: NodeInputs, ref: GraphFacts, device:
     model = one_node_model(node, values.inputs, values.consts, ref.types, ref.model.opset_import,
                            ref.model.ir_version)
     return cached_ort(model, device).run(values.inputs, outputs)
+
+
+def run_alone_float64(node: onnx.NodeProto, values: NodeInputs, ref: GraphFacts) -> dict[str, np.ndarray] | None:
+    """The node alone in float64 on ``values`` (its truth); None where it cannot be evaluated so
+    (the node is then judged by its a-priori budget)."""
+    from pytest_tf2cntk.convert.onnx_graph import opset_version
+    from pytest_tf2cntk.convert.twin.onnx64 import one_node_float64
+
+    try:
+        return one_node_float64(node, values.inputs, values.consts, opset_version(ref.model))
+    except Exception:
+        return None
 
 
 def condition(node: onnx.NodeProto, values: NodeInputs, out: np.ndarray, tensor: str, ref: GraphFacts,
@@ -140,14 +154,17 @@ def _cntk_alone(model: onnx.ModelProto, inputs: dict[str, np.ndarray], worker: A
 
 
 def _judge_alone(culprit: NodeReport, saved: NodeInputs, got: dict[str, np.ndarray]) -> Confirmation:
+    """CNTK alone against the node's reference (the float64 node under the measured rule, else
+    ONNX Runtime alone), by the culprit's own limit."""
     errs, in_graph = [], []
-    for t, ref_v in saved.local.items():
+    reference = saved.truth or saved.local
+    for t, ref_v in reference.items():
         if t not in got:
             continue
-        v = to_dtype(got[t], ref_v.dtype)
+        v = to_dtype(got[t], saved.local[t].dtype if t in saved.local else ref_v.dtype)
         if v.shape != ref_v.shape and [d for d in v.shape if d != 1] == [d for d in ref_v.shape if d != 1]:
             v = v.reshape(ref_v.shape)
-        errs.append(scaled_error(ref_v, v))
+        errs.append(error_vs_truth(ref_v, v) if saved.truth else scaled_error(ref_v, v))
         if t in saved.cntk:
             in_graph.append(scaled_error(saved.cntk[t], v) if np.any(saved.cntk[t]) else 0.0)
     if not errs:

@@ -66,6 +66,8 @@ class NodeReport(Jsonable):
     metrics_tensor: str = ""  # ... and which output that is
     base_budget: float | None = None  # budgets.op_budget of the node
     condition: float = 1.0          # kappa of an accumulating op (budget = base_budget * kappa)
+    noise: float | None = None      # measured rule: ONNX Runtime's own error vs the float64 node
+    rule: str = ""                  # "measured" (budget = factor x noise) or "a-priori budget"
 
     @property
     def ratio(self) -> float | None:
@@ -83,7 +85,7 @@ class NodeReport(Jsonable):
 @dataclass
 class Confirmation(Jsonable):
     status: str                     # CONFIRMED | NOT_REPRODUCED | "not run: ..."
-    isolated_error: float | None = None   # CNTK alone vs ONNX Runtime alone, same inputs
+    isolated_error: float | None = None   # CNTK alone vs the node's reference alone, same inputs
     budget: float | None = None
     in_graph_error: float | None = None   # CNTK alone vs CNTK in the graph
     detail: str = ""
@@ -91,7 +93,7 @@ class Confirmation(Jsonable):
     def describe(self) -> str:
         if self.isolated_error is None:
             return self.status + (f" ({self.detail})" if self.detail else "")
-        text = f"{self.status}: CNTK alone vs ONNX Runtime alone {self.isolated_error:.3g}"
+        text = f"{self.status}: CNTK alone vs the node alone in float64 (or ONNX Runtime) {self.isolated_error:.3g}"
         if self.budget is not None:
             text += f" (budget {self.budget:.3g})"
         if self.in_graph_error is not None:
@@ -152,12 +154,13 @@ class Localization(Jsonable):
         culprit = self.culprit_index
         rated = [(i, n) for i, n in enumerate(self.nodes) if n.ratio is not None]
         rated.sort(key=lambda p: (p[0] != culprit, -(p[1].ratio or 0.0), p[1].index))
-        rows: list[tuple[str, ...]] = [("#", "node", "op type", "TF layer", "local err", "budget", "ratio", "status")]
+        rows: list[tuple[str, ...]] = [("#", "node", "op type", "TF layer", "local err", "ORT32 noise", "allowed",
+                                        "ratio", "status")]
         shown = rated[:max(limit, 1)]
         for i, n in shown:
             mark = "*" if i == culprit else ""
             rows.append((f"{mark}{n.index}", _short(n.node, 60), n.op_type, _short(n.tf_layer, 32),
-                         _fmt(n.local_error), _fmt(n.budget), _fmt(n.ratio, "x"), _short(n.status, 40)))
+                         _fmt(n.local_error), _fmt(n.noise), _fmt(n.budget), _fmt(n.ratio, "x"), _short(n.status, 40)))
         lines = text_table(rows)
         rest = rated[len(shown):]
         if rest:

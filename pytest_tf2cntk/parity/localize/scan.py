@@ -42,6 +42,7 @@ from pytest_tf2cntk.parity.localize.report import (STATUS_CONSTANT, STATUS_NOT_R
                                                    STATUS_PENDING, STATUS_SKIPPED, Confirmation, Localization,
                                                    NodeReport)
 from pytest_tf2cntk.parity.metrics import compare, scaled_error
+from pytest_tf2cntk.parity.truth import error_vs_truth, rounding_floor
 from pytest_tf2cntk.parity.runners import CNTKRunner, OrtRunner
 
 if TYPE_CHECKING:
@@ -418,22 +419,19 @@ class LocalizationScan:
 
     def _judge(self, node: onnx.NodeProto, r: NodeReport, values: NodeInputs, cntk_out: dict[str, np.ndarray],
                unmapped: list[str]) -> None:
-        """The node's own error (CNTK vs the node alone in ONNX Runtime) against its own budget."""
+        """The node's own error: CNTK against the node alone in float64 on CNTK's inputs, judged
+        against ONNX Runtime's own error there (the measured rule); where the node cannot be
+        evaluated in float64, CNTK against ONNX Runtime alone by the op's a-priori budget."""
         try:
             local = isolate.run_alone(node, values, self.ref, self.device)
         except Exception as exc:
             r.status = f"no local reference: ONNX Runtime cannot run the node alone ({str(exc).splitlines()[0][:120]})"
             return
-        errors = {t: scaled_error(local[t], v) for t, v in cntk_out.items() if t in local}
-        if not errors:
+        if not any(t in local for t in cntk_out):
             r.status = "no local reference: ONNX Runtime returned none of the mapped outputs"
             return
-        worst = max(errors, key=lambda t: errors[t])
-        r.local_error = errors[worst]
-        r.base_budget = self.budget_of(node)
-        r.condition = (isolate.condition(node, values, local[worst], worst, self.ref, self.device)
-                       if r.local_error > 0.1 * r.base_budget else 1.0)
-        r.budget = r.base_budget * r.condition
+        truth = isolate.run_alone_float64(node, values, self.ref)
+        worst = self._measured(r, truth, local, cntk_out) if truth else self._budgeted(node, r, values, local, cntk_out)
         if unmapped:
             r.notes.append(f"only {len(cntk_out)} of {len([t for t in node.output if t])} outputs compared: "
                            f"{unmapped[0]}")
@@ -444,8 +442,39 @@ class LocalizationScan:
             r.metrics = compare(local[worst], cntk_out[worst])
             r.metrics_tensor = worst
             if self.culprit_inputs is None:
-                values.local, values.cntk = local, cntk_out
+                values.local, values.cntk, values.truth = local, cntk_out, truth or {}
                 self.culprit_inputs = values
+
+    def _measured(self, r: NodeReport, truth: dict[str, np.ndarray], local: dict[str, np.ndarray],
+                  cntk_out: dict[str, np.ndarray]) -> str:
+        """CNTK vs the float64 node, against factor x max(ORT32 vs the float64 node, floor)."""
+        worst, worst_ratio = "", -1.0
+        for t, v in cntk_out.items():
+            if t not in local or t not in truth:
+                continue
+            error = error_vs_truth(truth[t], v)
+            noise = error_vs_truth(truth[t], local[t])
+            allowed = self.config.noise_factor * max(noise, rounding_floor(truth[t], local[t].dtype,
+                                                                           self.config.floor_ulps))
+            ratio = error / allowed if allowed > 0 else (0.0 if error == 0 else float("inf"))
+            if ratio > worst_ratio:
+                worst, worst_ratio = t, ratio
+                r.local_error, r.noise, r.budget, r.base_budget = error, noise, allowed, allowed
+        r.rule = "measured"
+        return worst
+
+    def _budgeted(self, node: onnx.NodeProto, r: NodeReport, values: NodeInputs, local: dict[str, np.ndarray],
+                  cntk_out: dict[str, np.ndarray]) -> str:
+        """CNTK vs ONNX Runtime alone, against the op's budget times its condition number."""
+        errors = {t: scaled_error(local[t], v) for t, v in cntk_out.items() if t in local}
+        worst = max(errors, key=lambda t: errors[t])
+        r.local_error = errors[worst]
+        r.base_budget = self.budget_of(node)
+        r.condition = (isolate.condition(node, values, local[worst], worst, self.ref, self.device)
+                       if r.local_error > 0.1 * r.base_budget else 1.0)
+        r.budget = r.base_budget * r.condition
+        r.rule = "a-priori budget"
+        return worst
 
     def _suspects(self, culprit: NodeReport) -> list[str]:
         """The culprit, plus the unobservable producers whose error could hide in its inputs."""

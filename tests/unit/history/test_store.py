@@ -31,7 +31,7 @@ def table(path: Path, sql: str) -> list[tuple]:
 
 def test_record_run_stores_every_metric_skips_and_layers(tmp_path: Path) -> None:
     path = tmp_path / ".tf2cntk" / "history.sqlite"
-    results = [make_result(errors={"probs": 2e-7, "logits": 4e-6}),
+    results = [make_result(errors={"probs": 2e-7, "logits": 4e-6}, measured=("logits",)),
                CheckRecord("m.keras", "gpu", skipped="no GPU visible to TensorFlow")]
     layers = [LayerRow("m.keras", "cpu", "gemm_1", "Gemm", "dense", 3e-7, 1e-5)]
     run_id = H.record_run(path, make_run(1), results, layerwise=layers)
@@ -44,6 +44,11 @@ def test_record_run_stores_every_metric_skips_and_layers(tmp_path: Path) -> None
     assert row[6] == pytest.approx(1e-7) and row[7] == pytest.approx(8e-7) and row[9] == pytest.approx(1 - 2e-7)
     assert row[10] == 1.0 and row[11] == "none" and row[12] == 1 and row[13] == 20 and row[14] == U32
     assert row[15] == pytest.approx(1e-7) and row[16] == pytest.approx(1e-7)  # 0.25 x e / 0.5
+    measured = table(path, "SELECT rule, reference, tf32_error, ort32_error, float32_noise, budget FROM results "
+                           "WHERE output = 'logits'")[0]
+    assert measured[:2] == ("measured", "float64 twin: test")
+    assert measured[2:5] == pytest.approx((1e-6, 5e-7, 1e-6)) and measured[5] == pytest.approx(1e-5)  # 10 x noise
+    assert table(path, "SELECT rule FROM results WHERE output = 'probs'") == [("a-priori budget",)]
     assert table(path, "SELECT model, device, reason FROM skips") == \
         [("m.keras", "gpu", "no GPU visible to TensorFlow")]
     assert table(path, "SELECT node, op_type, tf_layer, local_error FROM layers") == \
@@ -54,7 +59,7 @@ def test_record_run_stores_every_metric_skips_and_layers(tmp_path: Path) -> None
     assert '"max_examples": 20' in run[8]
     assert table(path, "PRAGMA journal_mode") == [("wal",)]
     assert table(path, "PRAGMA application_id") == [(H.APPLICATION_ID,)]
-    assert table(path, f"SELECT version FROM {H.SCHEMA_TABLE} ORDER BY version") == [(1,), (2,)]
+    assert table(path, f"SELECT version FROM {H.SCHEMA_TABLE} ORDER BY version") == [(1,), (2,), (3,)]
 
 
 def test_same_output_twice_in_a_run_keeps_the_worst(tmp_path: Path) -> None:
@@ -215,6 +220,23 @@ V1_SCHEMA = [  # the first layout, as version 1 wrote it
 ]
 
 
+def test_a_version_2_file_reads_back_judged_by_the_a_priori_budget(tmp_path: Path) -> None:
+    path = tmp_path / "v2.sqlite"
+    con = sqlite3.connect(str(path), isolation_level=None)
+    for v in (0, 1):
+        H.MIGRATIONS[v](con)
+        con.execute(f"INSERT INTO {H.SCHEMA_TABLE} (version, applied) VALUES (?, 'then')", (v + 1,))
+    con.execute("INSERT INTO runs (time, versions, options) VALUES ('2026-11-27T10:00:00+00:00', '{}', '{}')")
+    con.execute("INSERT INTO results (run_id, model, device, output, scaled_error, budget, passed, "
+                "budget_overridden) VALUES (1, 'm.keras', 'cpu', 'y', 2e-7, 1e-5, 1, 0), "
+                "(1, 'm.keras', 'cpu', 'z', 2e-7, 1e-4, 1, 1)")
+    con.close()
+    H.record_run(path, make_run(2), [make_result(errors={"y": 3e-7}, measured=("y",))])
+    assert table(path, f"SELECT MAX(version) FROM {H.SCHEMA_TABLE}") == [(3,)]
+    assert table(path, "SELECT run_id, output, rule FROM results ORDER BY run_id, output") == \
+        [(1, "y", "a-priori budget"), (1, "z", "user budget"), (2, "y", "measured")]
+
+
 def test_a_version_1_file_is_migrated_in_place(tmp_path: Path) -> None:
     path = tmp_path / "old.sqlite"
     con = sqlite3.connect(str(path))
@@ -224,7 +246,7 @@ def test_a_version_1_file_is_migrated_in_place(tmp_path: Path) -> None:
     con.close()
     run_id = H.record_run(path, make_run(3), [make_result(errors={"y": 3e-7})])
     assert run_id == 3
-    assert table(path, f"SELECT version FROM {H.SCHEMA_TABLE} ORDER BY version") == [(1,), (2,)]
+    assert table(path, f"SELECT version FROM {H.SCHEMA_TABLE} ORDER BY version") == [(1,), (2,), (3,)]
     assert table(path, "SELECT run_id, tensorflow, tf2onnx, cntk, passed FROM runs ORDER BY run_id")[:2] == \
         [(1, "2.15.0", "1.16.1", "2.7", 1), (2, "2.16.1", "1.16.1", "2.7", 1)]
     df = load_history(path)

@@ -40,7 +40,9 @@ def test_planted_fault_is_caught_named_and_replayable(tmp_path: Path, planted_fa
     text = str(result)
     check = result.outputs["logits"]
     assert check.stage == STAGE_CNTK  # only CNTK got the mutated graph
-    assert f"output 'logits' failed: scaled error {check.scaled_error:.3g} > budget {check.budget.value:.3g}" in text
+    assert check.rule == "measured" and check.truth.ratio > check.truth.factor
+    assert (f"output 'logits' failed: error {check.scaled_error:.3g} vs the float64 truth is "
+            f"{check.truth.ratio:.3g}x the float32 noise {check.truth.noise:.3g} (limit 10x)") in text
     assert "stage: CNTK importer/runtime" in text and "input: image:" in text
     assert result.reproducer and f"tf2cntk replay {result.reproducer}" in text
     rep = read_reproducer(result.reproducer)
