@@ -98,7 +98,7 @@ def measure(name: str, path: Path, batch: int, reps: int, run_examples: int,
             recipes = {n: InputRecipe("uniform" if k % 2 == 0 else "normal", 100 + 13 * k + j, 0.0, 1.0,
                                       "none", 0.0) for j, n in enumerate(engine.domains)}
             feeds_list.append(materialize(recipes, engine.domains))
-        cntk_feeds = [engine.cntk._feeds(f) for f in feeds_list]  # the dtypes the engine sends
+        cntk_feeds = [engine.cntk.feeds(f) for f in feeds_list]  # the dtypes the engine sends
 
         # warm up every path (TF tracing, CNTK first eval, ORT session, Hypothesis import)
         for f, cf in zip(feeds_list[:3], cntk_feeds[:3]):

@@ -126,8 +126,9 @@ class ParityEngine:
         t0 = time.perf_counter()
         ev.ort = self.ort.run(ev.feeds)
         self.timings["ort"] += time.perf_counter() - t0
+        # the graph in float64 only decides when CNTK is farther than TF32's noise allows
         graph = self._graph_in_float64(ev) if any(c.truth is not None and c.truth.independent
-                                                  for c in ev.checks.values()) else {}
+                                                  and c.truth.cntk > c.truth.close for c in ev.checks.values()) else {}
         for name, c in ev.checks.items():
             if name in ev.ort:
                 c.tf_vs_ort = compare(ev.tf[name], ev.ort[name])

@@ -171,7 +171,7 @@ class ParityResult(Jsonable):
     def __str__(self) -> str:
         verdict = "PASSED" if self.passed else "FAILED"
         lines = [f"tf2cntk parity {verdict}: {self.model} on {self.device} "
-                 f"({self.examples} examples, {self.seconds:.1f} s)", self.table()]
+                 f"({self.examples} example{'s' if self.examples != 1 else ''}, {self.seconds:.1f} s)", self.table()]
         for c in self.failing_outputs:
             lines += _failure_lines(c, self.reference)
         if not self.passed and self.inputs:

@@ -175,8 +175,9 @@ class Localization(Jsonable):
         c = self.culprit
         if c is None:
             return "no node exceeds its own budget"
+        allowed = "allowed" if c.rule == "measured" else "budget"
         head = (f"culprit {c.node} ({c.op_type}), TF layer {c.tf_layer}, TF op {c.tf_op}: local "
-                f"error {_fmt(c.local_error)} > budget {_fmt(c.budget)} ({_fmt(c.ratio, 'x')})")
+                f"error {_fmt(c.local_error)} > {allowed} {_fmt(c.budget)} ({_fmt(c.ratio, 'x')})")
         if self.confirmation is not None:
             head += f"; {self.confirmation.status}"
         return head

@@ -37,3 +37,18 @@ def test_calibrate_mlp_prints_pasteable_toml(tmp_path: Path, monkeypatch: pytest
     assert proposed["probs"] <= 10 * max(info["max"], U32) * 1.1  # rounded up to 2 digits only
     assert info["default_budget"] == info["configured_budget"]
     assert "# proposed = margin 10 x max observed" in out and "(tighter)" in out
+
+
+@pytest.mark.needs_cntk
+def test_calibrate_never_proposes_a_budget_that_switches_the_check_off(tmp_path: Path) -> None:
+    """spectrogram_cnn's correct conversion differs from TF by up to ~1e-3; with a margin of 100 the
+    wanted budget is far above 1e-2: none is proposed, the cause is named, the measured verdict
+    pointed to."""
+    cal = C.calibrate(FIXTURES / "spectrogram_cnn.keras", seeds=1, examples=4, margin=100.0)
+    o = cal.outputs["logits"]
+    assert o.wanted is not None and o.wanted > C.MAX_PROPOSAL and o.proposed is None
+    assert "logits" not in cal.overrides
+    text = cal.to_toml()
+    assert "# WARNING logits: a budget of" in text and "would switch the check off" in text
+    assert "TF32 itself is up to" in text and "from the float64 twin" in text and "--tf2cntk-reference=auto" in text
+    assert tomllib.loads(text)["tool"]["tf2cntk"]["budgets"]["outputs"].get("logits") is None

@@ -14,15 +14,15 @@ from pytest_tf2cntk import check_parity
 from pytest_tf2cntk.convert.pipeline import convert
 from pytest_tf2cntk.parity.reproducer import read_reproducer
 from pytest_tf2cntk.parity.result import STAGE_CNTK, STAGE_CONVERTER
-from tests.support.paths import FIXTURE_MODELS, FIXTURES
+from tests.support.paths import FIXTURE_MODELS, FIXTURES, ILL_CONDITIONED
 
 pytestmark = pytest.mark.needs_cntk
 
 
-@pytest.mark.parametrize("name", sorted(FIXTURE_MODELS))
+@pytest.mark.parametrize("name", sorted(FIXTURE_MODELS) + sorted(ILL_CONDITIONED))
 def test_fixture_models_pass_on_cpu(name: str, tmp_path: Path) -> None:
-    result = check_parity(FIXTURES / name, "cpu", 10, batch=FIXTURE_MODELS[name], seed=0,
-                          reproducer_dir=tmp_path)
+    batch = {**FIXTURE_MODELS, **ILL_CONDITIONED}[name]
+    result = check_parity(FIXTURES / name, "cpu", 10, batch=batch, seed=0, reproducer_dir=tmp_path)
     assert result.passed, str(result)
     assert result.examples >= 10
     for check in result.outputs.values():

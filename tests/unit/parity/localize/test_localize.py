@@ -36,8 +36,8 @@ FIXTURE_BATCH = 4
 
 @pytest.fixture(scope="module")
 def convs() -> dict[str, Conversion]:
-    return {name: convert(FIXTURES / f"{name}.keras", batch=1 if name == "lstm" else FIXTURE_BATCH)
-            for name in ("mlp", "cnn_bn", "two_io", "text_cnn", "lstm")}
+    return {name: convert(FIXTURES / f"{name}.keras", batch=1 if name in ("lstm", "spectrogram_cnn") else FIXTURE_BATCH)
+            for name in ("mlp", "cnn_bn", "two_io", "text_cnn", "lstm", "spectrogram_cnn")}
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +51,15 @@ def mobilenet() -> Conversion:
 # tests
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn_bn", "two_io", "text_cnn", "lstm"])
+@pytest.mark.parametrize("name", ["mlp", "cnn_bn", "two_io", "text_cnn", "lstm", "spectrogram_cnn"])
 def test_correct_conversions_blame_nothing(convs: dict[str, Conversion], name: str) -> None:
     loc = localize(convs[name], feeds_for(convs[name]))
     assert loc.culprit is None, str(loc)
     assert loc.checked == loc.total == len(convs[name].onnx_model.graph.node)
     assert not loc.unmapped, str(loc)
     assert all(n.ratio is not None and n.ratio < 0.5 for n in loc.nodes), loc.table(50)
+    # each node against itself in float64, by ONNX Runtime's own error on CNTK's inputs
+    assert [n.node for n in loc.nodes if n.rule != "measured"] == [], loc.table(50)
     assert "no node exceeds its own budget" in str(loc)
 
 
