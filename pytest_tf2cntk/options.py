@@ -312,7 +312,7 @@ def parse_input_ranges(table: Mapping[str, Any] | None, source: str) -> dict[str
 
 def parse_budget_table(table: Mapping[str, Any] | None) -> dict[str, Any]:
     """``[tool.tf2cntk.budgets]``: positive numbers per op type (and headroom, scale,
-    noise_factor, floor_ulps), a sub-table ``outputs`` of positive numbers per output."""
+    noise_factor, floor_ulps, run_factor), a sub-table ``outputs`` of positive numbers per output."""
     out: dict[str, Any] = {}
     for key, value in (table or {}).items():
         if key == "outputs":

@@ -81,7 +81,7 @@ class Conversion:
     _onnx: onnx.ModelProto | None = field(default=None, repr=False)
     _tf: TFModel | None = field(default=None, repr=False)
     _twin: Any = field(default=None, repr=False)
-    _graph64: Any = field(default=None, repr=False)
+    _graph64: dict[float, Any] = field(default_factory=dict, repr=False)  # by parameter perturbation
 
     @property
     def batch(self) -> int:
@@ -113,15 +113,17 @@ class Conversion:
             self._twin = build_twin(self)
         return self._twin
 
-    def float64_graph(self) -> Any:
+    def float64_graph(self, perturb: float = 0.0) -> Any:
         """The converted graph itself in float64 (``convert.twin``'s ONNX route, unchecked): what
-        it computes, rounding aside, to compare with the twin (a converter bug shows there)."""
-        if self._graph64 is None:
+        it computes, rounding aside, to compare with the twin (a converter bug shows there).
+        ``perturb``: every parameter times (1 + perturb x uniform(-1, 1)), seeded: how much
+        rounding the parameters once more moves the output."""
+        if perturb not in self._graph64:
             from pytest_tf2cntk.convert.twin.build import build_twin
             from pytest_tf2cntk.convert.twin.core import ROUTE_ONNX
 
-            self._graph64 = build_twin(self, routes=(ROUTE_ONNX,), check=False)
-        return self._graph64
+            self._graph64[perturb] = build_twin(self, routes=(ROUTE_ONNX,), check=False, perturb=perturb)
+        return self._graph64[perturb]
 
     def summary(self, cntk_onnx: str | os.PathLike | None = None) -> ConversionSummary:
         return ConversionSummary(str(self.onnx_path), str(cntk_onnx or self.onnx_path), self.batch, self.opset,

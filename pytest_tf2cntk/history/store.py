@@ -54,7 +54,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 from pytest_tf2cntk.errors import HistoryError
 from pytest_tf2cntk.history.records import CheckRecord
 from pytest_tf2cntk.parity.localize.report import LayerRow
-from pytest_tf2cntk.parity.result import RULE_MEASURED, OutputCheck, ParityResult
+from pytest_tf2cntk.parity.result import OutputCheck, ParityResult
 from pytest_tf2cntk.versions import host_versions
 
 APPLICATION_ID = 0x54463243  # "TF2C" in the SQLite header: tells our files from anyone else's
@@ -394,7 +394,7 @@ def _result_row(model: str, r: ParityResult, name: str, o: OutputCheck) -> tuple
 
 
 def _truth_columns(o: OutputCheck) -> tuple:
-    t = o.truth if o.rule == RULE_MEASURED else None
+    t = o.measured
     return (None, None, None) if t is None else (_num(t.tf32), _num(t.ort32), _num(t.noise))
 
 

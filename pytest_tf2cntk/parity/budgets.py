@@ -27,7 +27,7 @@ import onnx
 
 from pytest_tf2cntk.codec import Jsonable
 from pytest_tf2cntk.parity.metrics import UNIT_ROUNDOFF
-from pytest_tf2cntk.parity.truth import FLOOR_ULPS, NOISE_FACTOR
+from pytest_tf2cntk.parity.truth import FLOOR_ULPS, NOISE_FACTOR, RUN_FACTOR
 from pytest_tf2cntk.convert import onnx_graph as og
 
 # ulps one application of the op may differ by between two correct implementations
@@ -67,22 +67,25 @@ class BudgetConfig(Jsonable):
     headroom: float = DEFAULT_HEADROOM
     noise_factor: float = NOISE_FACTOR  # the measured verdict's factor over the float32 noise
     floor_ulps: float = FLOOR_ULPS  # ... and its floor, in units of rounding of the output
+    run_factor: float = RUN_FACTOR  # ... and its factor over the run's largest noise
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any] | None, scale: float = 1.0) -> "BudgetConfig":
         """From ``[tool.tf2cntk.budgets]``: ``Conv = 4``, ``headroom = 16``, ``noise_factor = 10``,
-        ``floor_ulps = 8``, ``[...budgets.outputs]``."""
+        ``floor_ulps = 8``, ``run_factor = 4``, ``[...budgets.outputs]``."""
         data = dict(data or {})
         outputs = {str(k): float(v) for k, v in (data.pop("outputs", None) or {}).items()}
         headroom = float(data.pop("headroom", DEFAULT_HEADROOM))
         scale = scale * float(data.pop("scale", 1.0))
         factor = float(data.pop("noise_factor", NOISE_FACTOR))
         floor = float(data.pop("floor_ulps", FLOOR_ULPS))
-        return cls({str(k): float(v) for k, v in data.items()}, outputs, scale, headroom, factor, floor)
+        run = float(data.pop("run_factor", RUN_FACTOR))
+        return cls({str(k): float(v) for k, v in data.items()}, outputs, scale, headroom, factor, floor, run)
 
     def scaled(self, factor: float) -> "BudgetConfig":
-        """Every allowance times ``factor``: the a-priori budgets and the measured noise factor."""
-        return dataclasses.replace(self, scale=self.scale * factor, noise_factor=self.noise_factor * factor)
+        """Every allowance times ``factor``: the a-priori budgets and the measured noise factors."""
+        return dataclasses.replace(self, scale=self.scale * factor, noise_factor=self.noise_factor * factor,
+                                   run_factor=self.run_factor * factor)
 
     def ulps(self, op_type: str) -> float:
         if op_type in self.op_ulps:

@@ -18,6 +18,7 @@ from pytest_tf2cntk.convert.domains import InputDomain
 from pytest_tf2cntk.parity.inputs import InputRecipe, inputs_strategy, materialize, special_examples
 from pytest_tf2cntk.parity.options import ParityOptions
 from pytest_tf2cntk.parity.result import Evaluation, OutputCheck
+from pytest_tf2cntk.parity.truth import RunTruth
 
 MAX_SHRINK_EVALS = 40  # real evaluations spent on shrinking a failure, then it is minimal enough
 Recipes = dict[str, InputRecipe]
@@ -29,6 +30,8 @@ class SearchOutcome:
     failure: tuple[Recipes, Evaluation] | None = None  # the smallest failing example found
     # per output: the worst example seen, by error / allowed (a failing one always wins)
     worst: dict[str, tuple[float, Recipes, OutputCheck]] = field(default_factory=dict)
+    examples: list[Recipes] = field(default_factory=list)  # every example evaluated, in order
+    run: dict[str, RunTruth] = field(default_factory=dict)  # per output, over those examples
 
 
 class Evaluator(Protocol):
@@ -46,6 +49,13 @@ class _ExampleFailed(Exception):
     def __init__(self, key: tuple) -> None:
         super().__init__("parity example failed")
         self.key = key
+
+
+def add_to_run(run: dict[str, RunTruth], ev: Evaluation, config: Any) -> None:
+    """Count one example into the run-level measured verdict of each output (``RunTruth``)."""
+    for name, c in ev.checks.items():
+        if c.truth is not None:
+            run.setdefault(name, RunTruth(config.run_factor)).add(c.truth)
 
 
 def _key(recipes: Recipes) -> tuple:
@@ -71,6 +81,8 @@ class Search:
         engine.timings["inputs"] += time.perf_counter() - t0
         ev = engine.evaluate(feeds, with_ort=out.evaluations == 0)
         out.evaluations += 1
+        out.examples.append(recipes)
+        add_to_run(out.run, ev, self.options.budgets)
         if self.failures:
             self.shrink_evals += 1
         elif self.progress:

@@ -12,11 +12,22 @@ implementation approximates. On each example and output:
                                              the converted graph evaluated in float64 must be
                                              within the factor of TF32's error of the truth
                                              (else the converter is wrong, and ORT32's error
-                                             must not excuse CNTK's)
-  pass    iff e(CNTK) <= NOISE_FACTOR x noise
+                                             must not excuse CNTK's). Where that graph was
+                                             evaluated and is right, its own distance to the
+                                             truth and ORT32's to it count too: an exact run of
+                                             the converted graph is that far, and ORT32's
+                                             rounding of it can cancel against it by luck
+  pass    iff e(CNTK) <= NOISE_FACTOR x noise               on every example, and
+          median of e(CNTK) / noise <= RUN_FACTOR        over the run (``RunTruth``, >= 10 examples)
 
-The factor and the floor were chosen by measurement (docs/budgets.md): a correct CNTK stayed
-within 0.3-4.6x TF32's own error on every model measured, planted weight errors sat at 6-970x.
+A converter may legitimately round what it folds (BatchNorm into Conv weights, in float32): the
+graph counts as right while its distance to the truth stays within the factor of what rounding
+its parameters once more changes (``params``, measured on the float64 graph, only when needed).
+
+One example's noise is a noisy estimate (TF32 can be lucky on an input, a chaotic model's error
+is heavy-tailed), hence the factor 10 per example; the median ratio over a run is stable, so its
+factor can be 2.5 and catch a systematic error a few times the noise. Both were chosen by
+measurement (docs/budgets.md).
 
 Attribution from the same numbers: the converter when its graph (in float64) is far from the
 truth while CNTK matches ORT32; CNTK when CNTK is far while the graph is right; both, or
@@ -25,15 +36,19 @@ undetermined, stated.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from pytest_tf2cntk.codec import Jsonable
 from pytest_tf2cntk.parity.metrics import UNIT_ROUNDOFF
 
-NOISE_FACTOR = 10.0  # measured: correct CNTK <= 6.8x the noise (calibrated ResNet50), faults from 2.8x up
+NOISE_FACTOR = 10.0  # measured: correct CNTK <= 6.8x one example's noise (spectrogram front end)
 FLOOR_ULPS = 8.0  # measured: TF32 and ORT32 reach 7.4 units on well-conditioned models
+RUN_FACTOR = 2.5  # measured: a correct CNTK's median ratio <= 0.96 (calibrated MobileNetV2), faults 1.6-5.1
+RUN_MIN_EXAMPLES = 10  # fewer examples: the median is not yet a stable estimate
+PARAM_ROUNDING = 2.0 ** -24  # relative perturbation of every parameter for ``params``: one float32 rounding
 
 
 @dataclass
@@ -49,11 +64,19 @@ class TruthCheck(Jsonable):
     ort32: float | None = None  # ONNX Runtime float32 vs the truth, when it ran on this example
     independent: bool = True  # False: the truth is the converted ONNX in float64 (see ``noise``)
     graph: float | None = None  # the converted graph evaluated in float64 vs the truth
+    params: float | None = None  # the float64 graph vs itself with every parameter rounded once more
+    ort32_graph: float | None = None  # ONNX Runtime float32 vs the converted graph in float64
 
     @property
     def close(self) -> float:
         """How far a correct float32 implementation may be, from TF32's error alone."""
         return self.factor * max(self.tf32, self.floor)
+
+    @property
+    def graph_close(self) -> float:
+        """How far the converted graph (in float64) may be: a converter that folds parameters in
+        float32 rounds them, which moves an ill-conditioned model's output by ``params``."""
+        return self.factor * max(self.tf32, self.floor, self.params or 0.0)
 
     @property
     def converter_wrong(self) -> bool:
@@ -62,7 +85,7 @@ class TruthCheck(Jsonable):
         if not self.independent:
             return False
         if self.graph is not None:
-            return self.graph > self.close
+            return self.graph > self.graph_close
         return self.ort32 is not None and self.ort32 > self.close
 
     @property
@@ -72,8 +95,9 @@ class TruthCheck(Jsonable):
         graph) counts, and the converter leg is judged by the a-priori budget instead."""
         if not self.independent:
             return max(self.ort32 or 0.0, self.floor)
-        ort = self.ort32 if self.ort32 is not None and not self.converter_wrong else 0.0
-        return max(self.tf32, ort, self.floor)
+        if self.converter_wrong:
+            return max(self.tf32, self.floor)
+        return max(self.tf32, self.ort32 or 0.0, self.graph or 0.0, self.ort32_graph or 0.0, self.floor)
 
     @property
     def limit(self) -> float:
@@ -123,3 +147,54 @@ def truth_check(reference: str, truth: np.ndarray, tf32: np.ndarray, cntk: np.nd
     return TruthCheck(reference, error_vs_truth(truth, tf32), error_vs_truth(truth, cntk),
                       rounding_floor(truth, np.asarray(tf32).dtype, floor_ulps), factor,
                       independent=independent)
+
+
+@dataclass
+class RunTruth(Jsonable):
+    """One output over a whole run: how CNTK's error compares with the float32 noise on the
+    typical example. A fault moves every example; rounding, even heavy-tailed (a chaotic
+    recurrence, where one input amplifies a thousand times more than the next), only a few. So
+    the rule is on the median of the per-example ratios e(CNTK) / noise: it stays at most 1 for
+    a correct CNTK and lets a systematic error a few times the noise show, which no single
+    example, judged on its own noise with the factor 10, can."""
+
+    JSON_EXTRA = ("examples", "median", "over", "applies", "passed")
+    factor: float = RUN_FACTOR
+    min_examples: int = RUN_MIN_EXAMPLES
+    ratios: list[float] = field(default_factory=list)  # per example, in the order added
+    ort_examples: int = 0  # examples on which ONNX Runtime ran (its noise counted)
+
+    def add(self, t: TruthCheck) -> None:
+        self.ratios.append(t.ratio)
+        self.ort_examples += t.ort32 is not None
+
+    @property
+    def examples(self) -> int:
+        return len(self.ratios)
+
+    @property
+    def median(self) -> float:
+        return float(statistics.median(self.ratios)) if self.ratios else 0.0
+
+    @property
+    def over(self) -> int:
+        """Examples on which CNTK's error exceeds the factor times their noise."""
+        return sum(r > self.factor for r in self.ratios)
+
+    @property
+    def worst(self) -> int:
+        """Index of the example with the largest ratio (the one a failure is reported on)."""
+        return max(range(len(self.ratios)), key=self.ratios.__getitem__) if self.ratios else -1
+
+    @property
+    def applies(self) -> bool:
+        return self.examples >= self.min_examples
+
+    @property
+    def passed(self) -> bool:
+        return not self.applies or self.median <= self.factor
+
+    @property
+    def complete(self) -> bool:
+        """ONNX Runtime ran on every example: all the float32 noise is counted."""
+        return self.ort_examples >= self.examples

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_tf2cntk.history.records import CheckRecord, RunPayload, RunReport
-from pytest_tf2cntk.parity.result import RULE_MEASURED, OutputCheck
+from pytest_tf2cntk.parity.result import OutputCheck
 from pytest_tf2cntk.tables import markdown_table, text_table
 from pytest_tf2cntk.versions import host_versions
 
@@ -35,11 +35,11 @@ def summary_rows(run: RunPayload) -> list[tuple[str, ...]]:
 
 
 def _noise(o: OutputCheck) -> tuple[str, str]:
-    t = o.truth if o.rule == RULE_MEASURED else None
+    t = o.measured
     if t is None:
         return "-", "-"
     ort = "" if t.ort32 is None else f" / {t.ort32:.2g}"
-    return f"{t.tf32:.2g}{ort}", f"{t.ratio:.3g}x"
+    return f"{t.tf32:.2g}{ort}", f"{o.ratio:.3g}x"
 
 
 def summary_lines(run: RunPayload) -> list[str]:
@@ -82,9 +82,11 @@ def junit_properties(record: CheckRecord | None) -> list[tuple[str, Any]]:
                   (f"tf2cntk_{name}_allowed", f"{c.allowed:.6g}"), (f"tf2cntk_{name}_rule", c.rule),
                   (f"tf2cntk_{name}_budget", f"{c.budget.value:.6g}"),
                   (f"tf2cntk_{name}_headroom", f"{c.headroom:.6g}")]
-        if c.rule == RULE_MEASURED:
+        if c.measured is not None:
             props += [(f"tf2cntk_{name}_tf32_noise", f"{c.truth.tf32:.6g}"),
-                      (f"tf2cntk_{name}_noise_ratio", f"{c.truth.ratio:.6g}")]
+                      (f"tf2cntk_{name}_noise_ratio", f"{c.ratio:.6g}")]
+        if c.run is not None and c.run.applies:
+            props.append((f"tf2cntk_{name}_run_median_ratio", f"{c.run.median:.6g}"))
     if result.reproducer:
         props.append(("tf2cntk_reproducer", result.reproducer))
     props += [(f"tf2cntk_{name}_drift_ratio", f"{v.ratio:.4g}") for name, v in record.drift.items()

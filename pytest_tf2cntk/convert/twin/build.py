@@ -24,13 +24,15 @@ __all__ = ["LABELS", "ROUTES", "ROUTE_GRAPH", "ROUTE_KERAS", "ROUTE_ONNX", "SELF
            "SourceModel", "Twin", "TwinUnavailable", "build_twin", "scaled_error", "self_check"]
 
 
-def build_twin(conversion: Any, routes: tuple[str, ...] = ROUTES, check: bool = True) -> Twin | TwinUnavailable:
+def build_twin(conversion: Any, routes: tuple[str, ...] = ROUTES, check: bool = True,
+               perturb: float = 0.0) -> Twin | TwinUnavailable:
     """The most trustworthy float64 twin of ``conversion``'s model, or why there is none.
 
     ``conversion``: a ``pipeline.Conversion`` (or anything with ``tf_model``, ``onnx_model``,
     ``options.unsafe_load`` and ``batch``): its loaded TFModel is the source, its converted ONNX
     the last resort. ``routes`` restricts/reorders the routes tried. ``check``: run the
-    float64-purity and self checks (a few hundred ms; keep it on).
+    float64-purity and self checks (a few hundred ms; keep it on). ``perturb`` (ONNX route):
+    every parameter of the graph times (1 + perturb x uniform(-1, 1)).
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     source = SourceModel.from_conversion(conversion)
@@ -38,7 +40,7 @@ def build_twin(conversion: Any, routes: tuple[str, ...] = ROUTES, check: bool = 
     for route in routes:
         started = time.perf_counter()
         try:
-            twin = _run_route(route, source, conversion, check)
+            twin = _run_route(route, source, conversion, check, perturb)
         except RouteFailed as exc:
             attempts.append((route, str(exc)))
             continue
@@ -51,7 +53,7 @@ def build_twin(conversion: Any, routes: tuple[str, ...] = ROUTES, check: bool = 
     return TwinUnavailable(f"no float64 twin of {_where(conversion)}: every route gave up", attempts)
 
 
-def _run_route(route: str, source: SourceModel, conversion: Any, check: bool) -> Twin:
+def _run_route(route: str, source: SourceModel, conversion: Any, check: bool, perturb: float = 0.0) -> Twin:
     if route == ROUTE_KERAS:
         from pytest_tf2cntk.convert.twin.keras64 import keras_route
 
@@ -63,7 +65,7 @@ def _run_route(route: str, source: SourceModel, conversion: Any, check: bool) ->
     if route == ROUTE_ONNX:
         from pytest_tf2cntk.convert.twin.onnx64 import onnx_route
 
-        return onnx_route(source, _onnx_of(conversion), check)
+        return onnx_route(source, _onnx_of(conversion), check, perturb)
     raise ValueError(f"unknown route {route!r}")
 
 

@@ -104,6 +104,27 @@ def _double_graph(g: Any, opset: int) -> None:
                     _double_graph(sub, opset)
 
 
+def perturb_parameters(g: Any, rel: float, seed: int = 0) -> None:
+    """Every double initializer and Constant of ``g`` times (1 + rel x uniform(-1, 1)), seeded:
+    with ``rel`` one float32 rounding, what folding parameters in float32 may change."""
+    from onnx import TensorProto, numpy_helper
+
+    rng = np.random.default_rng(seed)
+
+    def jitter(t: Any) -> None:
+        if t.data_type == TensorProto.DOUBLE:
+            arr = numpy_helper.to_array(t)
+            t.CopyFrom(numpy_helper.from_array(arr * (1.0 + rel * rng.uniform(-1.0, 1.0, arr.shape)), t.name))
+
+    for init in g.initializer:
+        jitter(init)
+    for node in g.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    jitter(a.t)
+
+
 # --------------------------------------------------------------------------------- evaluators
 
 
@@ -274,13 +295,16 @@ class OnnxFloat64:
 # --------------------------------------------------------------------------------- the route
 
 
-def onnx_route(source: SourceModel, onnx_model: Any, check: bool) -> Twin:
+def onnx_route(source: SourceModel, onnx_model: Any, check: bool, perturb: float = 0.0) -> Twin:
     """The twin over the converted ONNX (a ModelProto or a path), inputs and outputs named and
-    ordered as the TFModel's (the ONNX graph's own when the TF model is not available)."""
+    ordered as the TFModel's (the ONNX graph's own when the TF model is not available);
+    ``perturb``: its parameters perturbed (``perturb_parameters``)."""
     import onnx
 
     proto = onnx_model if isinstance(onnx_model, onnx.ModelProto) else onnx.load(str(onnx_model))
     m64 = onnx_float64(proto)
+    if perturb:
+        perturb_parameters(m64.graph, perturb)
     runner = OnnxFloat64(m64)
     inits = {i.name for i in m64.graph.initializer}
     real = [vi for vi in m64.graph.input if vi.name not in inits]

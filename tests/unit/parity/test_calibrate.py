@@ -41,10 +41,10 @@ def test_calibrate_mlp_prints_pasteable_toml(tmp_path: Path, monkeypatch: pytest
 
 @pytest.mark.needs_cntk
 def test_calibrate_never_proposes_a_budget_that_switches_the_check_off(tmp_path: Path) -> None:
-    """spectrogram_cnn's correct conversion differs from TF by up to ~1e-3; with a margin of 100 the
-    wanted budget is far above 1e-2: none is proposed, the cause is named, the measured verdict
-    pointed to."""
-    cal = C.calibrate(FIXTURES / "spectrogram_cnn.keras", seeds=1, examples=4, margin=100.0)
+    """spectrogram_cnn is ill-conditioned (TF32 up to ~1e-4..1e-3 from float64, by CPU); the margin
+    1e6 forces the wanted budget above 1e-2 on any machine (1e6 x at least one unit roundoff): none
+    is proposed, the cause is named, the measured verdict pointed to."""
+    cal = C.calibrate(FIXTURES / "spectrogram_cnn.keras", seeds=1, examples=4, margin=1e6)
     o = cal.outputs["logits"]
     assert o.wanted is not None and o.wanted > C.MAX_PROPOSAL and o.proposed is None
     assert "logits" not in cal.overrides

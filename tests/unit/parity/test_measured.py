@@ -15,7 +15,7 @@ from pytest_tf2cntk.convert.pipeline import Conversion, convert
 from pytest_tf2cntk.parity.engine import ParityEngine
 from pytest_tf2cntk.parity.inputs import InputRecipe, materialize
 from pytest_tf2cntk.parity.options import ParityOptions
-from pytest_tf2cntk.parity.result import RULE_BUDGET, RULE_MEASURED, STAGE_CNTK, STAGE_CONVERTER, OutputCheck
+from pytest_tf2cntk.parity.result import RULE_BUDGET, RULE_MEASURED, RULE_RUN, STAGE_CNTK, STAGE_CONVERTER, OutputCheck
 from tests.support.faults import scale_weight
 from tests.support.paths import FIXTURES
 
@@ -87,7 +87,7 @@ def test_a_converter_fault_is_attributed_to_the_converter(tmp_path: Path) -> Non
     path = tmp_path / "shared.onnx"
     onnx.save(mutated, str(path))
     conv._onnx = mutated  # ONNX Runtime and the float64 graph now run the wrong graph too
-    conv._graph64 = None
+    conv._graph64 = {}
     ev = evaluate(conv, uniform_inputs(conv, 1), cntk_onnx=str(path))[0]
     check = ev.checks["logits"]
     assert not check.passed and check.stage == STAGE_CONVERTER, (check.reasons, check.truth)
@@ -124,3 +124,45 @@ def test_a_twin_from_the_converted_graph_is_labelled_and_judges_the_converter_by
     check = ev.checks["probs"]
     assert check.passed and check.rule == RULE_MEASURED and not check.truth.independent
     assert "inherits converter bugs" in check.truth.reference and check.truth.ort32 is not None
+
+
+def scale_output(model: onnx.ModelProto, factor: float) -> None:
+    """CNTK's graph computes its first output times ``factor`` (a Mul appended to it)."""
+    out = model.graph.output[0].name
+    producer = next(n for n in model.graph.node if out in n.output)
+    producer.output[list(producer.output).index(out)] = out + "_unscaled"
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([factor], np.float32), "output_scale"))
+    model.graph.node.append(onnx.helper.make_node("Mul", [out + "_unscaled", "output_scale"], [out]))
+
+
+def test_a_systematic_error_within_each_examples_factor_fails_over_the_run(tmp_path: Path) -> None:
+    """CNTK's probabilities x(1 + 48u): 6 units of the floor on every example (the floor bounds
+    mlp's noise from below), inside the per-example factor 10 by construction, and more than the
+    run-level factor on most examples: the run-level rule fails it, reported on the example with
+    the largest ratio, blamed on CNTK; the replay of that example fails by the same rule against
+    the run recorded at failure time."""
+    from pytest_tf2cntk.parity.replay import replay
+    from pytest_tf2cntk.parity.truth import NOISE_FACTOR, RUN_FACTOR
+
+    conv = convert(FIXTURES / "mlp.keras", batch=4)
+    mutated = onnx.load(str(conv.onnx_path))
+    scale_output(mutated, 1.0 + 48 * 2.0 ** -24)
+    path = tmp_path / "scaled.onnx"
+    onnx.save(mutated, str(path))
+    result = check_parity(FIXTURES / "mlp.keras", "cpu", 20, batch=4, seed=0, cntk_onnx=str(path),
+                          reproducer_dir=tmp_path, layerwise="off", conversion=conv)
+    check = result.outputs["probs"]
+    assert not result.passed and check.rule == RULE_RUN and check.stage == STAGE_CNTK, str(result)
+    assert check.truth.passed and check.truth.ratio < NOISE_FACTOR  # the reported example alone passes
+    assert check.run.complete and check.run.examples >= 10 and RUN_FACTOR < check.run.median < NOISE_FACTOR
+    assert check.truth.ratio == max(check.run.ratios)  # reported on the example with the largest ratio
+    assert "a systematic error" in str(result) and result.reproducer
+    again = replay(result.reproducer).outputs["probs"]
+    assert not again.passed and again.rule == RULE_RUN
+
+
+def test_a_correct_model_passes_the_run_rule_with_room(tmp_path: Path) -> None:
+    result = check_parity(FIXTURES / "mlp.keras", "cpu", 20, batch=4, seed=0, reproducer_dir=tmp_path,
+                          layerwise="off")
+    run = result.outputs["probs"].run
+    assert result.passed and run.applies and run.median < 1, run
