@@ -52,6 +52,10 @@ class ProtocolError(WorkerError):
     """A malformed frame or an unknown request (the worker answers it; it does not die)."""
 
 
+class LostCheck(Tf2CntkError):
+    """A check whose process died before it reported (an xdist worker killed mid-check)."""
+
+
 class ModelLoadError(Tf2CntkError):
     """The TensorFlow model cannot be found, read or tested."""
 

@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Callable
 
-EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_INTERNAL, EXIT_NO_VERDICT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 # command family -> its commands, in the order --help lists them
 FAMILIES: dict[str, tuple[str, ...]] = {
     "environment": ("setup", "doctor"),
@@ -50,7 +50,8 @@ def _unavailable(exc: BaseException) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tf2cntk", description="TensorFlow -> ONNX -> CNTK parity tools",
                                      epilog="exit status: 0 ok, 1 a check failed or doctor found a problem, "
-                                            "2 bad input (one paragraph with the fix), 3 internal error")
+                                            "2 bad input (one paragraph with the fix), 3 internal error, "
+                                            "4 no verdict: the CNTK worker crashed or hung")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for family in FAMILIES:
         try:
@@ -65,8 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pytest_tf2cntk.errors import Tf2CntkError
 
+    from pytest_tf2cntk.errors import WorkerError
+
     try:
         return int(args.func(args) or 0)
+    except WorkerError as exc:  # not the input's fault: the check could not reach a verdict
+        _err(f"tf2cntk {args.command}: error: {exc}")
+        return EXIT_NO_VERDICT
     except Tf2CntkError as exc:
         _err(f"tf2cntk {args.command}: error: {exc}")
         return EXIT_USAGE

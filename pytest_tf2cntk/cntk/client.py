@@ -161,8 +161,8 @@ class CNTKWorker:
         except OSError as exc:
             raise EnvironmentProblem(
                 f"Cannot start the CNTK Python interpreter {python}: {exc.strerror or exc}.",
-                hint="run `tf2cntk setup` (or point --tf2cntk-cntk-python at a working "
-                     "interpreter)") from exc
+                hint="run `tf2cntk setup`, or give the python of a working CNTK 2.7 venv "
+                     "(--tf2cntk-cntk-python in pytest, --cntk-python in tf2cntk)") from exc
         proc = WorkerProcess(popen, self._ring.drain(popen.stderr.fileno()))
         proc.deadline = time.monotonic() + self.start_timeout
         try:

@@ -64,7 +64,7 @@ def resolve_cntk_python(explicit: str | os.PathLike | None = None) -> Path:
     """The CNTK interpreter: the option, then ``$TF2CNTK_CNTK_PYTHON``, then the default env."""
     chosen = explicit or os.environ.get(ENV_CNTK_PYTHON)
     if chosen:
-        path = Path(chosen).expanduser()
+        path = Path(chosen).expanduser().absolute()  # a relative path is the user's, not one on $PATH
         if not path.exists():
             source = "--tf2cntk-cntk-python" if explicit else f"${ENV_CNTK_PYTHON}"
             raise EnvironmentProblem(

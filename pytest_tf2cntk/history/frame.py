@@ -88,8 +88,9 @@ def load_runs(path: str | Path) -> Any:
     return _query(path, f"SELECT {cols} FROM runs ORDER BY run_id", [])
 
 
-def load_skips(path: str | Path, *, since: str | int | None = None, model: str | None = None) -> Any:
-    """pandas DataFrame of the checks that could not run: run_id, model, device, reason."""
+def load_unchecked(path: str | Path, *, since: str | int | None = None, model: str | None = None) -> Any:
+    """pandas DataFrame of the checks that reached no verdict: run_id, model, device, outcome
+    (skipped or error), reason."""
     where, params = _filters(since, model, "s")
-    return _query(path, "SELECT s.run_id, s.model, s.device, s.reason FROM skips s JOIN runs r ON "
+    return _query(path, "SELECT s.run_id, s.model, s.device, s.outcome, s.reason FROM unchecked s JOIN runs r ON "
                         f"r.run_id = s.run_id{where} ORDER BY s.run_id, s.model, s.device", params)

@@ -12,7 +12,7 @@ from pytest_tf2cntk.convert.validation import Problem
 from pytest_tf2cntk.parity.localize.report import LayerRow
 from pytest_tf2cntk.parity.result import ParityResult
 
-REPORT_FORMAT = 2
+REPORT_FORMAT = 3  # 3: every check a row with its outcome (errors too); passed only if all passed
 
 
 @dataclass(frozen=True)
@@ -27,20 +27,36 @@ class DriftVerdict(Jsonable):
     threshold: float | None = None  # errors above this would be drift: max(factor x baseline, band)
 
 
+OUTCOME_PASSED, OUTCOME_FAILED, OUTCOME_ERROR, OUTCOME_SKIPPED = "passed", "failed", "error", "skipped"
+OUTCOMES = (OUTCOME_PASSED, OUTCOME_FAILED, OUTCOME_ERROR, OUTCOME_SKIPPED)
+
+
 @dataclass
 class CheckRecord(Jsonable):
-    """One model on one device in one run."""
+    """One model on one device in one run: a result, or why there is none (an error: the
+    check could not run; a skip: the device cannot be used). Neither is ever a pass."""
 
-    JSON_EXTRA = ("passed",)
+    JSON_EXTRA = ("passed", "outcome")
     model: str  # as the run names it (relative to the rootdir)
     device: str
     result: ParityResult | None = None
     skipped: str = ""  # why the check could not run (device unavailable): never a pass
     drift: dict[str, DriftVerdict] = field(default_factory=dict)
+    error: str = ""  # the one-paragraph message of what stopped the check
+    error_type: str = ""  # its class, e.g. WorkerCrashed, ConversionError
+
+    @property
+    def outcome(self) -> str:
+        if self.error:
+            return OUTCOME_ERROR
+        if self.result is None:
+            return OUTCOME_SKIPPED
+        return OUTCOME_PASSED if self.result.passed else OUTCOME_FAILED
 
     @property
     def passed(self) -> bool | None:
-        return None if self.result is None else self.result.passed
+        """True / False for a check that ran to a verdict or errored; None for a skip."""
+        return {OUTCOME_PASSED: True, OUTCOME_SKIPPED: None}.get(self.outcome, False)
 
 
 @dataclass
@@ -79,4 +95,5 @@ class RunReport(Jsonable):
     versions: dict[str, str]
     conversions: list[ConversionRecord]
     results: list[CheckRecord]
+    outcomes: dict[str, int] = field(default_factory=dict)  # checks per outcome (passed, failed, error, skipped)
     format: int = REPORT_FORMAT

@@ -19,7 +19,7 @@ from typing import Any
 
 from pytest_tf2cntk.history import store
 from pytest_tf2cntk.history.drift import DEFAULT_FACTOR, DEFAULT_WINDOW, DriftJudge, error_floor
-from pytest_tf2cntk.history.frame import load_history, load_layers, load_runs, load_skips
+from pytest_tf2cntk.history.frame import load_history, load_layers, load_runs, load_unchecked
 from pytest_tf2cntk.tables import markdown_table
 
 KEY = ["model", "device", "output"]
@@ -40,7 +40,7 @@ class HistoryReport:
     history: Any  # load_history rows within the filters
     current: Any  # newest row per output, with drift columns
     layers: Any  # per model x device x op type (empty without layerwise rows)
-    skips: Any
+    unchecked: Any  # checks of the newest run with no verdict (skipped or error)
     runs: Any
     plots: dict[str, str] = field(default_factory=dict)  # title -> base64 PNG (HTML only)
 
@@ -72,10 +72,10 @@ def build_report(path: str | Path, *, since: str | int | None = None, model: str
     by_id = runs.set_index("run_id")
     current["changed"] = [_changes(by_id, r, b) for r, b in zip(current["run_id"], current["baseline_run"])]
     layers = _layer_table(p, since, model, baseline, factor, window)
-    skips = load_skips(p, since=since, model=model)
-    if not skips.empty:  # only the newest run's skips matter now
-        skips = skips[skips["run_id"] == skips["run_id"].max()]
-    return HistoryReport(p, str(baseline), float(factor), int(window), h, current, layers, skips, runs)
+    unchecked = load_unchecked(p, since=since, model=model)
+    if not unchecked.empty:  # only the newest run's matter now (none, if it checked everything)
+        unchecked = unchecked[unchecked["run_id"] == runs["run_id"].max()]
+    return HistoryReport(p, str(baseline), float(factor), int(window), h, current, layers, unchecked, runs)
 
 
 def _judge(path: Path, rows: Any, baseline: str, factor: float, window: int, fn: Any) -> list[Any]:
@@ -281,7 +281,7 @@ MOVER_COLS = [("model", "s"), ("device", "s"), ("output", "s"), ("ratio", "x"), 
               ("headroom", "x"), ("changed", "s")]
 LAYER_COLS = [("model", "s"), ("device", "s"), ("op_type", "s"), ("nodes", "int"), ("worst_node", "s"),
               ("min_headroom", "x"), ("baseline_min_headroom", "x"), ("max_ratio", "x"), ("drifted_nodes", "int")]
-SKIP_COLS = [("model", "s"), ("device", "s"), ("reason", "s")]
+SKIP_COLS = [("model", "s"), ("device", "s"), ("outcome", "s"), ("reason", "s")]
 HEADERS = {"run_id": "run", "scaled_error": "error", "baseline_run": "baseline run", "budget": "allowed",
            "float32_noise": "float32 noise",
            "baseline_error": "baseline error", "noise": "noise band", "min_headroom": "min headroom",
@@ -323,8 +323,8 @@ def _sections(rep: HistoryReport) -> list[tuple[str, list[tuple[str, str]], Any,
     if not rep.layers.empty:
         secs.append(("Headroom per op type (layerwise)", LAYER_COLS, rep.layers,
                      "Worst node per op type: budget / local error, now and at the baseline."))
-    if not rep.skips.empty:
-        secs.append(("Skipped in the newest run", SKIP_COLS, rep.skips, ""))
+    if not rep.unchecked.empty:
+        secs.append(("Not checked in the newest run (skipped or error)", SKIP_COLS, rep.unchecked, ""))
     return secs
 
 

@@ -4,7 +4,7 @@ The plugin passes the path (default ``<rootdir>/.tf2cntk/history.sqlite``). One 
 (time, host, git commit, versions of both sides, options), one per model x device x output
 with every metric, optional per-node rows from layerwise localization, and run tags.
 
-Schema (version 3; ``tf2cntk_schema`` holds one row per applied version)::
+Schema (version 4; ``tf2cntk_schema`` holds one row per applied version)::
 
   runs     run_id PK, time (ISO 8601 UTC), time_unix, host, git_commit, passed, exitstatus,
            duration, versions (JSON), options (JSON), and one TEXT column per version key:
@@ -16,7 +16,9 @@ Schema (version 3; ``tf2cntk_schema`` holds one row per applied version)::
            float64 twin, or why none), tf32_error and ort32_error (vs the truth), float32_noise;
            under the measured rule scaled_error is CNTK vs the truth and budget the limit
   layers   (run_id, model, device, node) PK, op_type, tf_layer, local_error, budget
-  skips    (run_id, model, device) PK, reason
+  unchecked (run_id, model, device) PK, reason, outcome: the checks that reached no verdict,
+           "skipped" (the device cannot be used) or "error" (a worker crash, a timeout, a bad
+           configuration: reason is the message); until version 4 the table was ``skips``
   tags     name PK, run_id, tagged
 
 Version 1 was the minimal first layout: runs(run_id, time, git_commit, versions, options) and
@@ -24,8 +26,9 @@ results(run_id, model, device, output, scaled_error, budget, passed). Version 2 
 under version 3 with rule "a-priori budget" (what they were judged by). A new file is created by
 running every migration from 0, so fresh and migrated files cannot differ.
 
-Choices: a skipped check (``{model, device, skipped: reason}``) goes to ``skips``, so an
-unavailable device shows in reports instead of silently having no rows. The same output measured
+Choices: a check with no verdict (skipped, or stopped by an error) goes to ``unchecked``, so an
+unavailable device or a crashed worker shows in reports instead of silently having no rows, and
+the run is not recorded as passed. The same output measured
 twice in one run (a hand-written test checking a model again) keeps the worst error.
 
 Concurrency: WAL journal, a busy timeout, every write in one ``BEGIN IMMEDIATE`` transaction that
@@ -58,7 +61,7 @@ from pytest_tf2cntk.parity.result import OutputCheck, ParityResult
 from pytest_tf2cntk.versions import host_versions
 
 APPLICATION_ID = 0x54463243  # "TF2C" in the SQLite header: tells our files from anyone else's
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SCHEMA_TABLE = "tf2cntk_schema"
 DEFAULT_RELATIVE_PATH = Path(".tf2cntk") / "history.sqlite"
 BUSY_TIMEOUT_S = 10.0  # SQLite waits this long for a lock before reporting "database is locked"
@@ -128,8 +131,13 @@ def _migrate_2_to_3(con: sqlite3.Connection) -> None:
                 "ELSE 'a-priori budget' END")
 
 
+def _migrate_3_to_4(con: sqlite3.Connection) -> None:
+    con.execute("ALTER TABLE skips RENAME TO unchecked")
+    con.execute("ALTER TABLE unchecked ADD COLUMN outcome TEXT NOT NULL DEFAULT 'skipped'")
+
+
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _migrate_0_to_1, 1: _migrate_1_to_2,
-                                                               2: _migrate_2_to_3}
+                                                               2: _migrate_2_to_3, 3: _migrate_3_to_4}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,7 +341,7 @@ def run_info(cwd: str | Path | None, *, options: dict[str, Any] | None = None,
 def record_run(path: str | Path, run: RunInfo, results: Sequence[CheckRecord], *,
                layerwise: Sequence[LayerRow] | None = None) -> int:
     """Store one run and its checks in one transaction; its run_id."""
-    outputs, skips = _result_rows(results)
+    outputs, unchecked = _result_rows(results)
     nodes: dict[tuple[str, str, str], tuple] = {}
     for lw in layerwise or ():
         row = (lw.model, lw.device, lw.node, lw.op_type, lw.tf_layer, _num(lw.local_error), _num(lw.budget))
@@ -341,9 +349,9 @@ def record_run(path: str | Path, run: RunInfo, results: Sequence[CheckRecord], *
         if held is None or _worse(row[5], held[5]):  # the same node twice: the worst wins
             nodes[row[:3]] = row
     passed = run.passed
-    checked = [r for r in results if r.result is not None]
-    if passed is None and checked:
-        passed = all(r.result.passed for r in checked)
+    verdicts = [r.passed for r in results if r.passed is not None]  # a skip is no verdict; an error fails
+    if passed is None and verdicts:
+        passed = all(verdicts)
     versions = {str(k): str(v) for k, v in run.versions.items()}
     run_row = (_iso(run.time), _unix(run.time), run.host, run.git_commit, None if passed is None else int(bool(passed)),
                run.exitstatus, _num(run.duration), json.dumps(versions, sort_keys=True),
@@ -358,8 +366,8 @@ def record_run(path: str | Path, run: RunInfo, results: Sequence[CheckRecord], *
         con.executemany(f"INSERT INTO results ({', '.join(RESULT_COLUMNS)}) "
                         f"VALUES ({', '.join('?' * len(RESULT_COLUMNS))})",
                         [(run_id, *row) for row in outputs.values()])
-        con.executemany("INSERT INTO skips (run_id, model, device, reason) VALUES (?, ?, ?, ?)",
-                        [(run_id, m, d, why) for (m, d), why in skips.items()])
+        con.executemany("INSERT INTO unchecked (run_id, model, device, reason, outcome) VALUES (?, ?, ?, ?, ?)",
+                        [(run_id, m, d, why, outcome) for (m, d), (why, outcome) in unchecked.items()])
         con.executemany(f"INSERT INTO layers ({', '.join(LAYER_COLUMNS)}) "
                         f"VALUES ({', '.join('?' * len(LAYER_COLUMNS))})",
                         [(run_id, *row) for row in nodes.values()])
@@ -368,19 +376,22 @@ def record_run(path: str | Path, run: RunInfo, results: Sequence[CheckRecord], *
     return write(path, insert)
 
 
-def _result_rows(results: Sequence[CheckRecord]) -> tuple[dict[tuple[str, str, str], tuple], dict[tuple[str, str], str]]:
+def _result_rows(results: Sequence[CheckRecord]) -> tuple[dict[tuple[str, str, str], tuple],
+                                                           dict[tuple[str, str], tuple[str, str]]]:
     outputs: dict[tuple[str, str, str], tuple] = {}
-    skips: dict[tuple[str, str], str] = {}
+    unchecked: dict[tuple[str, str], tuple[str, str]] = {}
     for r in results:
         if r.result is None:
-            skips[(r.model, r.device)] = r.skipped
+            held = unchecked.get((r.model, r.device))
+            if held is None or r.error:  # the same check twice: an error outweighs a skip
+                unchecked[(r.model, r.device)] = (r.error or r.skipped, r.outcome)
             continue
         for name, o in r.result.outputs.items():
             row = _result_row(r.model, r.result, name, o)
             held = outputs.get(row[:3])
             if held is None or _worse(row[3], held[3]):  # the same output twice: the worst wins
                 outputs[row[:3]] = row
-    return outputs, skips
+    return outputs, unchecked
 
 
 def _result_row(model: str, r: ParityResult, name: str, o: OutputCheck) -> tuple:

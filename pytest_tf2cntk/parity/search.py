@@ -71,6 +71,7 @@ class Search:
         self.outcome = SearchOutcome()
         self.failures: dict[tuple, tuple[Recipes, Evaluation]] = {}
         self.shrink_evals = 0
+        self.stopped: Exception | None = None  # what stopped the search (raised as itself at the end)
 
     def evaluate(self, key: tuple, recipes: Recipes) -> None:
         if self.failures and self.shrink_evals >= MAX_SHRINK_EVALS:
@@ -95,14 +96,22 @@ class Search:
             self.failures[key] = (recipes, ev)
 
     def prop(self, recipes: Recipes) -> None:
+        if self.stopped is not None:
+            return  # the check cannot go on: let Hypothesis run out cheaply, then raise it
         key = _key(recipes)
         if key not in self.failures:
-            self.evaluate(key, recipes)
+            try:
+                self.evaluate(key, recipes)
+            except Exception as exc:  # a crashed or hung worker is no counterexample to shrink
+                self.stopped = exc
+                return
         if key in self.failures:  # one raise site: Hypothesis tells failures apart by origin
             raise _ExampleFailed(key)
 
     def run(self) -> SearchOutcome:
         failed_key = self._hypothesis()
+        if self.stopped is not None:  # one clear error (WorkerCrashed, ...), not Hypothesis' group of them
+            raise self.stopped
         if failed_key is None:
             full_range = {name: InputRecipe("uniform", 0, 0.0, 1.0, "none", 0.0) for name in self.engine.domains}
             key = _key(full_range)

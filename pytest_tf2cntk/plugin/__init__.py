@@ -143,15 +143,39 @@ def assert_parity(target: Any, device: str = "cpu", **kwargs: Any) -> Any:
 # reporting
 
 
+def _has_record(report: pytest.TestReport) -> bool:
+    return any(key == "tf2cntk_outcome" for key, _ in report.user_properties)
+
+
 class _Reporting:
     def __init__(self, session: Tf2CntkSession, config: pytest.Config) -> None:
         self.session = session
         self.config = config
 
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: Any) -> Any:
+        outcome = yield
+        if self.session.worker_id is not None and call.when != "setup":  # xdist: records ride the report
+            payload = self.session.unsent()
+            if payload is not None:
+                outcome.get_result().tf2cntk_payload = json.dumps(payload.to_json())
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if self.session.worker_id is not None:
+            return
+        payload = getattr(report, "tf2cntk_payload", None)
+        if payload:  # from an xdist worker
+            from pytest_tf2cntk.history.records import RunPayload
+
+            self.session.merge(RunPayload.from_json(json.loads(payload)))
+        elif report.failed and report.when in ("call", "???") and not _has_record(report):
+            self.session.record_lost(report.nodeid, report.longreprtext)  # "???": xdist's for a crashed worker
+
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
-        if self.session.worker_id is not None:  # xdist worker: hand results to the controller
-            if self.session.used:
-                self.config.workeroutput["tf2cntk"] = json.dumps(self.session.run.to_json())  # type: ignore[attr-defined]
+        if self.session.worker_id is not None:  # xdist worker: hand what is left to the controller
+            payload = self.session.unsent()
+            if payload is not None:
+                self.config.workeroutput["tf2cntk"] = json.dumps(payload.to_json())  # type: ignore[attr-defined]
             return
         self.session.finish(exitstatus)
 

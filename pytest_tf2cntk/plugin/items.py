@@ -73,7 +73,11 @@ class ParityItem(_ModelItem):
         from pytest_tf2cntk.errors import DeviceUnavailable
 
         session = session_of(self.config)
-        conv = session.conversion(self.model_path, lambda m: session.progress(self.config, m))
+        try:
+            conv = session.conversion(self.model_path, lambda m: session.progress(self.config, m))
+        except Exception as exc:
+            session.record_error(self.model_path, self.device, exc)
+            raise
         try:
             result = session.parity(conv, self.device, config=self.config)  # raises on significant drift
             if not result.passed:

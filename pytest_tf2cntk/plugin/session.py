@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from typing import TYPE_CHECKING
 
-from pytest_tf2cntk.errors import ParityFailure, Tf2CntkError
+from pytest_tf2cntk.errors import LostCheck, ParityFailure, Tf2CntkError
 from pytest_tf2cntk.options import Settings, group
 
 if TYPE_CHECKING:  # the records import numpy and onnx: not at plugin load, only once a check runs
@@ -83,6 +83,7 @@ class Tf2CntkSession:
     _loaded: dict[tuple[str, str], Any] = field(default_factory=dict)
     _last: Any = None  # the last CheckRecord, for the item's JUnit properties
     _run: Any = None  # RunPayload, made on first use
+    _sent: tuple[int, int, int] = (0, 0, 0)  # results, conversions, layers already sent (xdist worker)
 
     @property
     def run(self) -> "RunPayload":
@@ -202,7 +203,11 @@ class Tf2CntkSession:
         progress = overrides.pop("progress", None)
         if config is not None and progress is None:
             progress = self._example_progress(config, f"{self.rel(conv.source)} [{device}]")
-        result = run_check(conv, device, self.parity_options(budgets, inputs, **overrides), progress)
+        try:
+            result = run_check(conv, device, self.parity_options(budgets, inputs, **overrides), progress)
+        except Exception as exc:  # a worker crash, a timeout, bad config: a row, never lost
+            self.record_error(Path(conv.source), device, exc)
+            raise
         record = CheckRecord(self.rel(Path(conv.source)), result.device, result)
         self.run.results.append(record)
         self.run.layers.extend(result.layer_rows())
@@ -217,6 +222,30 @@ class Tf2CntkSession:
         from pytest_tf2cntk.history.records import CheckRecord
 
         self.run.results.append(CheckRecord(self.rel(path), device, skipped=reason))
+
+    def record_error(self, path: Path, device: str, exc: BaseException) -> None:
+        """A check that could not reach a verdict: its row carries the message (never a pass)."""
+        from pytest_tf2cntk.history.records import CheckRecord
+
+        message = str(exc) if isinstance(exc, Tf2CntkError) else f"{type(exc).__name__}: {exc}"
+        record = CheckRecord(self.rel(path), device, error=message or type(exc).__name__,
+                             error_type=type(exc).__name__)
+        self.run.results.append(record)
+        self._last = record
+
+    def record_lost(self, nodeid: str, text: str) -> None:
+        """A ``PATH::parity[DEVICE]`` item failed with no record: its process died under it
+        (an xdist worker killed mid-check). The check becomes an error row, not a silent gap."""
+        path, sep, name = nodeid.rpartition("::")
+        if not (sep and name.startswith("parity[") and name.endswith("]")):
+            return
+        model = Path(path) if Path(path).is_absolute() else self.rootdir / path
+        if not self.is_model(model):
+            return
+        last = next((ln.strip() for ln in reversed(text.splitlines()) if ln.strip()), "no output")
+        self.record_error(model, name[len("parity["):-1], LostCheck(
+            f"the process running this check ended before it reported ({last}); no verdict was reached: "
+            "rerun it (pytest --lf), and if it happens again run without -n to see the worker's own error"))
 
     def last_check(self) -> CheckRecord | None:
         """The last parity check's record, once (the item's JUnit properties come from it)."""
@@ -250,6 +279,18 @@ class Tf2CntkSession:
             return str(path)
 
     # -- xdist ----------------------------------------------------------------------------
+    def unsent(self) -> RunPayload | None:
+        """What this xdist worker recorded since the last call: sent with each test report, so
+        a worker killed later loses nothing it had finished."""
+        from pytest_tf2cntk.history.records import RunPayload
+
+        if self._run is None:
+            return None
+        run, (r, c, l) = self._run, self._sent
+        self._sent = (len(run.results), len(run.conversions), len(run.layers))
+        payload = RunPayload(run.results[r:], run.conversions[c:], run.layers[l:])
+        return payload if payload.results or payload.conversions or payload.layers else None
+
     def merge(self, payload: RunPayload) -> None:
         self.run.results.extend(payload.results)
         self.run.layers.extend(payload.layers)

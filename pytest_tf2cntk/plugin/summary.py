@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pytest_tf2cntk.history.records import CheckRecord, RunPayload, RunReport
+from pytest_tf2cntk.history.records import OUTCOME_PASSED, OUTCOMES, CheckRecord, RunPayload, RunReport
 from pytest_tf2cntk.parity.result import OutputCheck
 from pytest_tf2cntk.tables import markdown_table, text_table
 from pytest_tf2cntk.versions import host_versions
@@ -23,15 +23,21 @@ def summary_rows(run: RunPayload) -> list[tuple[str, ...]]:
     rows = []
     for r in sorted(run.results, key=lambda r: (r.model, r.device)):
         if r.result is None:
-            rows.append((r.model, r.device, "-", "-", "-", "-", "-", "-", "-", f"skipped: {r.skipped}"))
+            why = f"ERROR ({r.error_type}): {_first_line(r.error)}" if r.error else f"skipped: {r.skipped}"
+            rows.append((r.model, r.device, "-", "-", "-", "-", "-", "-", "-", why))
             continue
         for name, o in sorted(r.result.outputs.items()):
             rows.append((r.model, r.device, name, f"{o.scaled_error:.3g}", *_noise(o), f"{o.allowed:.3g}", o.rule,
                          str(r.result.examples), "PASS" if o.passed else f"FAIL ({o.stage})"))
+    checked = {r.model for r in run.results}
     for c in run.conversions:
-        if not c.ok:
-            rows.append((c.model,) + ("-",) * 8 + (f"conversion failed: {c.error.splitlines()[0]}",))
+        if not c.ok and c.model not in checked:  # else its check rows already say so
+            rows.append((c.model,) + ("-",) * 8 + (f"conversion failed: {_first_line(c.error)}",))
     return rows
+
+
+def _first_line(text: str) -> str:
+    return text.splitlines()[0] if text else ""
 
 
 def _noise(o: OutputCheck) -> tuple[str, str]:
@@ -52,15 +58,22 @@ def markdown(run: RunPayload) -> str:
 
 
 def run_passed(run: RunPayload) -> bool:
-    """Every check that ran passed and every conversion succeeded (a skip is neither)."""
-    return (all(r.result.passed for r in run.results if r.result is not None)
+    """Every check passed and every conversion succeeded: an error or a skip is not a pass."""
+    return (bool(run.results) and all(r.outcome == OUTCOME_PASSED for r in run.results)
             and all(c.ok for c in run.conversions))
+
+
+def outcome_counts(run: RunPayload) -> dict[str, int]:
+    counts = dict.fromkeys(OUTCOMES, 0)
+    for r in run.results:
+        counts[r.outcome] += 1
+    return counts
 
 
 def report(run: RunPayload, *, started: float, exitstatus: int, settings: dict[str, Any],
            models: list[str]) -> RunReport:
     return RunReport(time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.time() - started, int(exitstatus), run_passed(run),
-                     settings, models, host_versions(), run.conversions, run.results)
+                     settings, models, host_versions(), run.conversions, run.results, outcome_counts(run))
 
 
 def write_report(path: Path, report_: RunReport) -> None:
@@ -73,10 +86,14 @@ def write_report(path: Path, report_: RunReport) -> None:
 
 def junit_properties(record: CheckRecord | None) -> list[tuple[str, Any]]:
     """Key numbers of a parity check for JUnit XML (record_property)."""
-    if record is None or record.result is None:
+    if record is None:
         return []
+    if record.result is None:
+        return [("tf2cntk_outcome", record.outcome)] + (
+            [("tf2cntk_error", record.error_type)] if record.error else [])
     result = record.result
-    props: list[tuple[str, Any]] = [("tf2cntk_passed", result.passed), ("tf2cntk_examples", result.examples)]
+    props: list[tuple[str, Any]] = [("tf2cntk_outcome", record.outcome), ("tf2cntk_passed", result.passed),
+                                    ("tf2cntk_examples", result.examples)]
     for name, c in result.outputs.items():
         props += [(f"tf2cntk_{name}_scaled_error", f"{c.scaled_error:.6g}"),
                   (f"tf2cntk_{name}_allowed", f"{c.allowed:.6g}"), (f"tf2cntk_{name}_rule", c.rule),

@@ -40,13 +40,13 @@ def test_report_markdown_tables(history_file: Path) -> None:
     rep = R.build_report(history_file)
     md = R.render_markdown(rep)
     for title in ("## Current error vs budget", "## Drift vs baseline", "## Worst movers",
-                  "## Headroom per op type (layerwise)", "## Skipped in the newest run", "## Drift details"):
+                  "## Headroom per op type (layerwise)", "## Not checked in the newest run (skipped or error)", "## Drift details"):
         assert title in md
     assert "13 runs (run 1 .. 13" in md and "**1 output(s) drifted**" in md
     movers = md.split("## Worst movers")[1].split("## ")[0]
     first = [line for line in movers.splitlines() if line.startswith("| m.keras")][0]
     assert "| grows |" in first and "DRIFT" in first and "tf2onnx 1.16.1 -> 1.17.0" in first
-    assert "| other.keras | gpu | no GPU visible |" in md
+    assert "| other.keras | gpu | skipped | no GPU visible |" in md
     current = rep.current.set_index("output")
     assert current.loc["grows", "drift"] and not current.loc["stable", "drift"]
     assert pd.isna(current.loc["out", "ratio"])  # other.keras was never measured before: no baseline

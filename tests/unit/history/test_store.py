@@ -14,6 +14,7 @@ from pytest_tf2cntk.history import store as H
 from pytest_tf2cntk.history.drift import resolve_baseline
 from pytest_tf2cntk.history.frame import load_history
 from pytest_tf2cntk.history.records import CheckRecord
+from pytest_tf2cntk.history.report import build_report, render_markdown
 from pytest_tf2cntk.parity.localize.report import LayerRow
 from tests.support.paths import ROOT
 from tests.support.synthetic import U32, make_result, make_run
@@ -49,7 +50,7 @@ def test_record_run_stores_every_metric_skips_and_layers(tmp_path: Path) -> None
     assert measured[:2] == ("measured", "float64 twin: test")
     assert measured[2:5] == pytest.approx((1e-6, 5e-7, 1e-6)) and measured[5] == pytest.approx(1e-5)  # 10 x noise
     assert table(path, "SELECT rule FROM results WHERE output = 'probs'") == [("a-priori budget",)]
-    assert table(path, "SELECT model, device, reason FROM skips") == \
+    assert table(path, "SELECT model, device, reason FROM unchecked") == \
         [("m.keras", "gpu", "no GPU visible to TensorFlow")]
     assert table(path, "SELECT node, op_type, tf_layer, local_error FROM layers") == \
         [("gemm_1", "Gemm", "dense", 3e-7)]
@@ -59,7 +60,36 @@ def test_record_run_stores_every_metric_skips_and_layers(tmp_path: Path) -> None
     assert '"max_examples": 20' in run[8]
     assert table(path, "PRAGMA journal_mode") == [("wal",)]
     assert table(path, "PRAGMA application_id") == [(H.APPLICATION_ID,)]
-    assert table(path, f"SELECT version FROM {H.SCHEMA_TABLE} ORDER BY version") == [(1,), (2,), (3,)]
+    assert table(path, f"SELECT version FROM {H.SCHEMA_TABLE} ORDER BY version") == [(1,), (2,), (3,), (4,)]
+
+
+def test_an_errored_check_is_a_row_and_fails_the_run(tmp_path: Path) -> None:
+    """A worker crash leaves no result: the check is recorded with its message, the run not as
+    passed, and the report lists it; a skip beside it stays a skip."""
+    path = tmp_path / "h.sqlite"
+    crashed = CheckRecord("b.keras", "cpu", error="the CNTK worker died (signal 9) ...", error_type="WorkerCrashed")
+    results = [make_result(errors={"y": 2e-7}), crashed, CheckRecord("b.keras", "gpu", skipped="no GPU")]
+    H.record_run(path, make_run(1), results)
+    assert table(path, "SELECT model, device, outcome, reason FROM unchecked ORDER BY device") == [
+        ("b.keras", "cpu", "error", "the CNTK worker died (signal 9) ..."), ("b.keras", "gpu", "skipped", "no GPU")]
+    assert table(path, "SELECT passed FROM runs") == [(0,)]
+    assert crashed.outcome == "error" and crashed.passed is False
+    assert CheckRecord.from_json(crashed.to_json()) == crashed
+    text = render_markdown(build_report(path))
+    assert "Not checked in the newest run" in text and "| error |" in text and "signal 9" in text
+
+
+def test_a_version_3_file_keeps_its_skips(tmp_path: Path) -> None:
+    path = tmp_path / "v3.sqlite"
+    con = sqlite3.connect(str(path), isolation_level=None)
+    for v in (0, 1, 2):
+        H.MIGRATIONS[v](con)
+        con.execute(f"INSERT INTO {H.SCHEMA_TABLE} (version, applied) VALUES (?, 'then')", (v + 1,))
+    con.execute("INSERT INTO runs (time, versions, options) VALUES ('2026-11-27T10:00:00+00:00', '{}', '{}')")
+    con.execute("INSERT INTO skips (run_id, model, device, reason) VALUES (1, 'm.keras', 'gpu', 'no GPU')")
+    con.close()
+    H.record_run(path, make_run(2), [make_result(errors={"y": 3e-7})])
+    assert table(path, "SELECT run_id, outcome, reason FROM unchecked") == [(1, "skipped", "no GPU")]
 
 
 def test_same_output_twice_in_a_run_keeps_the_worst(tmp_path: Path) -> None:
@@ -121,7 +151,7 @@ def test_concurrent_writers_lose_no_rows(tmp_path: Path) -> None:
     assert [p.exitcode for p in procs] == [0] * workers
     assert table(path, "SELECT COUNT(*), COUNT(DISTINCT run_id), MAX(run_id) FROM runs") == [(120, 120, 120)]
     assert table(path, "SELECT COUNT(*) FROM results") == [(workers * runs * 2,)]
-    assert table(path, "SELECT COUNT(*) FROM skips") == [(workers * runs,)]
+    assert table(path, "SELECT COUNT(*) FROM unchecked") == [(workers * runs,)]
     assert table(path, "SELECT COUNT(*) FROM layers") == [(workers * runs,)]
     assert table(path, "SELECT model, COUNT(*) FROM results GROUP BY model") == \
         [(f"model_{w}.keras", runs * 2) for w in range(workers)]
@@ -232,7 +262,7 @@ def test_a_version_2_file_reads_back_judged_by_the_a_priori_budget(tmp_path: Pat
                 "(1, 'm.keras', 'cpu', 'z', 2e-7, 1e-4, 1, 1)")
     con.close()
     H.record_run(path, make_run(2), [make_result(errors={"y": 3e-7}, measured=("y",))])
-    assert table(path, f"SELECT MAX(version) FROM {H.SCHEMA_TABLE}") == [(3,)]
+    assert table(path, f"SELECT MAX(version) FROM {H.SCHEMA_TABLE}") == [(4,)]
     assert table(path, "SELECT run_id, output, rule FROM results ORDER BY run_id, output") == \
         [(1, "y", "a-priori budget"), (1, "z", "user budget"), (2, "y", "measured")]
 
@@ -246,7 +276,7 @@ def test_a_version_1_file_is_migrated_in_place(tmp_path: Path) -> None:
     con.close()
     run_id = H.record_run(path, make_run(3), [make_result(errors={"y": 3e-7})])
     assert run_id == 3
-    assert table(path, f"SELECT version FROM {H.SCHEMA_TABLE} ORDER BY version") == [(1,), (2,), (3,)]
+    assert table(path, f"SELECT version FROM {H.SCHEMA_TABLE} ORDER BY version") == [(1,), (2,), (3,), (4,)]
     assert table(path, "SELECT run_id, tensorflow, tf2onnx, cntk, passed FROM runs ORDER BY run_id")[:2] == \
         [(1, "2.15.0", "1.16.1", "2.7", 1), (2, "2.16.1", "1.16.1", "2.7", 1)]
     df = load_history(path)
