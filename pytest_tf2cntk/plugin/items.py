@@ -55,7 +55,7 @@ class _ModelItem(pytest.Item):
 class ConvertItem(_ModelItem):
     def runtest(self) -> None:
         session = session_of(self.config)
-        conv = session.conversion(self.model_path, self._progress)
+        conv = session.conversion(self.model_path, self._progress, check_cntk=True)
         for key, value in (("ops", sum(conv.ops.values())), ("passes", len(conv.passes)),
                            ("from_cache", conv.from_cache), ("seconds", round(conv.seconds, 3))):
             self.user_properties.append((f"tf2cntk_convert_{key}", value))
@@ -73,7 +73,7 @@ class ParityItem(_ModelItem):
         from pytest_tf2cntk.errors import DeviceUnavailable
 
         session = session_of(self.config)
-        conv = session.conversion(self.model_path, lambda m: session.progress(self.config, m))
+        conv = session.conversion(self.model_path, lambda m: session.progress(self.config, m), check_cntk=True)
         try:
             result = session.parity(conv, self.device, config=self.config)  # raises on significant drift
             if not result.passed:
