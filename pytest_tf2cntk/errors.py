@@ -72,6 +72,11 @@ class ValidationError(Tf2CntkError):
         self.problems = list(problems or [])
 
 
+class CNTKLoadError(Tf2CntkError):
+    """CNTK cannot load or run the converted graph at the batch under test: found when the model
+    is converted, before any parity example; a failed conversion like the others."""
+
+
 class PassMismatch(Tf2CntkError):
     """A graph rewrite pass changed the numbers: a bug in the pass, reported, never applied."""
 

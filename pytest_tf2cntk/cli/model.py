@@ -52,10 +52,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         shutil.copyfile(conv.onnx_path, args.output)
         print(f"written   {args.output}")
     if not args.no_load:
-        from pytest_tf2cntk.cntk.client import get_worker
+        from pytest_tf2cntk.parity.runners import check_cntk_runs
 
         python = from_args(args, CNTK, tool=tool)["cntk_python"]
-        loaded = get_worker(python).load(str(conv.onnx_path), device="cpu")
+        loaded = check_cntk_runs(conv, "cpu", cntk_python=python)  # loads and runs it, as ::convert does
         print("cntk      loaded: inputs " + ", ".join(f"{i.name}{list(i.shape)}" for i in loaded.inputs)
               + "; outputs " + ", ".join(f"{o.name}{list(o.shape)}" for o in loaded.outputs))
     return 0
@@ -180,7 +180,7 @@ def _model_command(sub: argparse._SubParsersAction, name: str, help_: str) -> ar
 def register(sub: argparse._SubParsersAction) -> None:
     p = _model_command(sub, "convert", "convert a model for CNTK and load it in the worker")
     p.add_argument("-o", "--output", help="also write the CNTK-ready ONNX here")
-    p.add_argument("--no-load", action="store_true", help="skip loading the result in CNTK")
+    p.add_argument("--no-load", action="store_true", help="skip loading and running the result in CNTK")
     p.set_defaults(func=cmd_convert)
 
     p = _model_command(sub, "check", "run a parity check outside pytest and print the verdict")

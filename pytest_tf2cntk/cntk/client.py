@@ -50,7 +50,7 @@ class CntkTensor:
     dtype: np.dtype
     cntk_name: str = ""
     cntk_uid: str = ""
-    matched: str = ""   # how the ONNX name was tied to CNTK: "name", "order" or "cntk"
+    matched: str = ""   # how it was tied to ONNX: "name" (inputs), "marker" (outputs), "order", "cntk"
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> CntkTensor:

@@ -171,3 +171,28 @@ class CNTKRunner:
             self.worker.unload(self.loaded)
         except Exception:
             pass  # a dead worker has nothing to unload
+
+
+def check_cntk_runs(conversion: Any, device: str = "cpu", worker: Any = None, cntk_python: str | None = None) -> Any:
+    """Load the converted graph in CNTK and run it once on zeros, at the conversion's batch: a
+    graph CNTK cannot load, or cannot run (some failures only show at the first evaluation, when
+    CNTK compiles it: "Dilated convolution on CPU is not yet implemented"), fails here in one
+    paragraph (``CNTKLoadError``) instead of inside a parity search. Returns the LoadedModel."""
+    from pytest_tf2cntk.errors import CNTKError, CNTKLoadError
+
+    runner, stage = None, "load"
+    try:
+        runner = CNTKRunner(conversion.onnx_path, device, cntk_python, worker)
+        stage = "run"
+        zeros = {i.name: np.zeros([1 if d is None else d for d in i.shape], i.dtype) for i in runner.loaded.inputs}
+        runner.run(zeros, outputs=runner.loaded.output_names)
+        return runner.loaded
+    except CNTKError as exc:
+        said = " ".join(exc.message.split())
+        raise CNTKLoadError(f"CNTK 2.7 cannot {stage} the converted graph of {conversion.source} at batch "
+                            f"{conversion.batch} on {device}: {said[:400]}{'...' if len(said) > 400 else ''}",
+                            hint="replace the layer CNTK rejects, or convert at another batch or opset; the "
+                                 f"graph CNTK was given is {conversion.onnx_path}") from None
+    finally:
+        if runner is not None:
+            runner.close()

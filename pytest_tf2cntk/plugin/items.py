@@ -55,7 +55,7 @@ class _ModelItem(pytest.Item):
 class ConvertItem(_ModelItem):
     def runtest(self) -> None:
         session = session_of(self.config)
-        conv = session.conversion(self.model_path, self._progress)
+        conv = session.conversion(self.model_path, self._progress, check_cntk=True)
         for key, value in (("ops", sum(conv.ops.values())), ("passes", len(conv.passes)),
                            ("from_cache", conv.from_cache), ("seconds", round(conv.seconds, 3))):
             self.user_properties.append((f"tf2cntk_convert_{key}", value))
@@ -74,7 +74,7 @@ class ParityItem(_ModelItem):
 
         session = session_of(self.config)
         try:
-            conv = session.conversion(self.model_path, lambda m: session.progress(self.config, m))
+            conv = session.conversion(self.model_path, lambda m: session.progress(self.config, m), check_cntk=True)
         except Exception as exc:
             session.record_error(self.model_path, self.device, exc)
             raise

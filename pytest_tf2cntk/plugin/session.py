@@ -81,6 +81,7 @@ class Tf2CntkSession:
     judge: Any = None  # history.drift.DriftJudge once the history is open
     _converted: dict[Path, Any] = field(default_factory=dict)
     _loaded: dict[tuple[str, str], Any] = field(default_factory=dict)
+    _cntk_checked: set[Path] = field(default_factory=set)  # converted models CNTK loads and runs
     _last: Any = None  # the last CheckRecord, for the item's JUnit properties
     _run: Any = None  # RunPayload, made on first use
     _sent: tuple[int, int, int] = (0, 0, 0)  # results, conversions, layers already sent (xdist worker)
@@ -129,8 +130,9 @@ class Tf2CntkSession:
         resolved = Path(path).resolve()
         return any(resolved == m.resolve() for m in self.settings.models)
 
-    def conversion(self, path: Path, progress: Callable[[str], None] | None = None) -> Any:
-        """Convert once per session; a failure is remembered and re-raised for every item."""
+    def conversion(self, path: Path, progress: Callable[[str], None] | None = None, check_cntk: bool = False) -> Any:
+        """Convert once per session; a failure is remembered and re-raised for every item.
+        ``check_cntk`` (the model's items): CNTK must also load and run the graph at its batch."""
         from pytest_tf2cntk.convert.pipeline import convert
         from pytest_tf2cntk.history.records import ConversionRecord
 
@@ -149,7 +151,32 @@ class Tf2CntkSession:
         value = self._converted[key]
         if isinstance(value, Exception):
             raise value
+        if check_cntk and key not in self._cntk_checked:
+            self._check_cntk(key, value)
         return value
+
+    def _check_cntk(self, key: Path, conv: Any) -> None:
+        """Load and run the graph in CNTK at the batch under test; CNTK's refusal fails the
+        conversion (its row, every item of the model) rather than each parity search."""
+        from pytest_tf2cntk.errors import CNTKLoadError, DeviceUnavailable
+        from pytest_tf2cntk.history.records import ConversionRecord
+        from pytest_tf2cntk.parity.runners import check_cntk_runs
+
+        devices = sorted(self.settings.devices)
+        device = "cpu" if "cpu" in devices or not devices else devices[0]
+        try:
+            check_cntk_runs(conv, device, self.worker())
+        except DeviceUnavailable:
+            pass  # the parity item on that device skips and says why
+        except CNTKLoadError as exc:
+            self._converted[key] = exc
+            rel = self.rel(key)
+            failed = ConversionRecord(rel, False, str(conv.onnx_path), conv.ops, conv.passes, conv.warnings,
+                                      conv.from_cache, conv.seconds, error=str(exc), type=type(exc).__name__)
+            done = self.run.conversions
+            done[:] = [failed if c.model == rel else c for c in done]  # in place: xdist counts what it sent
+            raise
+        self._cntk_checked.add(key)
 
     def handle(self, path: Path, budgets: dict | None = None, inputs: dict | None = None) -> ModelHandle:
         return ModelHandle(self, path, budgets, inputs)
@@ -294,6 +321,8 @@ class Tf2CntkSession:
     def merge(self, payload: RunPayload) -> None:
         self.run.results.extend(payload.results)
         self.run.layers.extend(payload.layers)
+        failed = {c.model for c in payload.conversions if not c.ok}  # CNTK refused what converted
+        self.run.conversions[:] = [c for c in self.run.conversions if c.ok is False or c.model not in failed]
         seen = {(c.model, c.ok) for c in self.run.conversions}
         for c in payload.conversions:
             if (c.model, c.ok) not in seen:

@@ -132,6 +132,37 @@ def test_conversion_failure_fails_parity_items_with_its_message(project: pytest.
     assert "INTERNALERROR" not in result.stdout.str()
 
 
+def test_graph_cntk_cannot_run_fails_convert_at_the_batch_under_test(project: pytest.Pytester) -> None:
+    """A graph that passes validation but that CNTK cannot run (a dilated Conv2D on the CPU) fails
+    ::convert, at batch 4, with one paragraph; the parity item gives the same paragraph, not
+    CNTK's text from inside a search, and the run's summary and JSON report carry the failure."""
+    import subprocess
+    import sys
+
+    from tests.support.paths import ROOT
+
+    # built in a child: TensorFlow must not be imported into this process inside pytester's window
+    subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from tests.support.keras_models "
+                    "import dilated_conv; dilated_conv(Path(sys.argv[1]))", str(project.path)],
+                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+    result = project.runpytest_subprocess("--tf2cntk-model=dilated_conv.keras", "--tf2cntk-batch=4",
+                                          "--tf2cntk-devices=cpu", "--tf2cntk-report=r.json", "-v", *QUIET)
+    assert result.ret == 1
+    result.assert_outcomes(failed=2)
+    paragraph = ["CNTK 2.7 cannot run the converted graph of *dilated_conv.keras at batch 4 on cpu: "
+                 "Dilated convolution on CPU is not yet implemented.",
+                 "  fix: replace the layer CNTK rejects, or convert at another batch or opset; the graph CNTK "
+                 "was given is *.onnx"]
+    result.stdout.fnmatch_lines(["dilated_conv.keras::convert FAILED*", "dilated_conv.keras::parity?cpu? FAILED*",
+                                 "*_ convert _*", *paragraph, "*_ parity?cpu? _*", *paragraph,
+                                 "*dilated_conv.keras*conversion failed: CNTK 2.7 cannot run the converted graph*"])
+    out = result.stdout.str()
+    assert "Traceback" not in out and "CALL STACK" not in out and "Falsifying" not in out
+    report = json.loads((project.path / "r.json").read_text())
+    (conversion,) = report["conversions"]
+    assert conversion["ok"] is False and conversion["type"] == "CNTKLoadError" and not report["passed"]
+
+
 def test_xdist_two_workers_one_merged_summary_and_report(project: pytest.Pytester) -> None:
     result = project.runpytest_subprocess("-n", "2", "--tf2cntk-model=mlp.keras", "--tf2cntk-model=two_io.keras",
                                           "--tf2cntk-report=merged.json", "--tf2cntk-devices=cpu", *QUIET)

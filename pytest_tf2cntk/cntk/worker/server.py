@@ -35,11 +35,11 @@ import traceback
 
 if __package__:
     from . import protocol
-    from .onnx_reader import read_onnx_graph
+    from .onnx_reader import read_onnx_graph, write_marked
     from .startup import import_cntk, protect_stdio, split_native
 else:  # run as a script: this file's folder is sys.path[0]
     import protocol
-    from onnx_reader import read_onnx_graph
+    from onnx_reader import read_onnx_graph, write_marked
     from startup import import_cntk, protect_stdio, split_native
 
 import numpy as np
@@ -114,12 +114,13 @@ def _var_info(name, var, matched):
 
 
 class Model(object):
-    def __init__(self, path, device_spec, device, function, graph, notes):
+    def __init__(self, path, device_spec, device, function, graph, notes, markers=()):
         self.path = path
         self.device_spec = device_spec
         self.device = device
         self.function = function
         self.graph = graph  # parse_onnx_graph() result, or None
+        self.markers = list(markers)  # write_marked() name per graph output
         self.notes = notes
         self.inputs = []   # [(onnx name, Variable, how matched)]
         self.outputs = []
@@ -150,41 +151,31 @@ class Model(object):
         self.inputs += [(a.name or a.uid, a, "cntk") for a in left_args]
 
     def _map_outputs(self):
+        """Each ONNX graph output is the input of its marker, the Alias CNTK named after the
+        Identity node ``write_marked`` put behind it: a tie no uid counter or output order can
+        move. Without exactly one CNTK output per marker there is no mapping, and no guess."""
         outs = list(self.function.outputs)
         if not self.graph:
             self.outputs = [(o.name or o.uid, o, "cntk") for o in outs]
             return
-        producer = self.producers()
-        pairs = {}
-        used = set()
-        for t in self.graph["outputs"]:
-            if t in self.input_by_name:  # an input passed straight through
-                pairs[t] = (self.input_by_name[t], "name")
-                continue
-            node = producer.get(t)
-            if node is None or not node[0][0]:
-                continue
-            (name, _op, _ins, node_outs), index = node
-            cands = [o for o in outs if o.name == name and o.uid not in used]
-            if len(cands) > 1 and len(cands) == len(node_outs):
-                cands = [cands[index]]
-            if len(cands) == 1:
-                pairs[t] = (cands[0], "name")
-                used.add(cands[0].uid)
-        # unnamed producers: CNTK lists outputs in ONNX node order, so pair the rest that way
-        left = [t for t in self.graph["outputs"] if t not in pairs]
-        left_outs = [o for o in outs if o.uid not in used]
-        if left and len(left) == len(left_outs):
-            rank = dict((t, i) for i, (_n, _o, _i, node_outs) in enumerate(self.graph["nodes"])
-                        for t in node_outs)
-            left.sort(key=lambda t: rank.get(t, -1))
-            for t, o in zip(left, left_outs):
-                pairs[t] = (o, "order")
-            self.notes.append("outputs %s matched to CNTK outputs by node order (their ONNX "
-                              "nodes have no name)" % left)
-            left_outs = []
-        self.outputs = [(t, pairs[t][0], pairs[t][1]) for t in self.graph["outputs"] if t in pairs]
-        self.outputs += [(o.name or o.uid, o, "cntk") for o in left_outs]
+        self.outputs = []
+        for tensor, marker in zip(self.graph["outputs"], self.markers):
+            found = [o for o in outs if o.name == marker]
+            owner = found[0].owner if len(found) == 1 else None
+            if owner is None or len(owner.inputs) != 1:
+                raise RequestError("CNTKError", "cannot tell which CNTK output is the ONNX output %r of "
+                                   "%s: CNTK's graph has %d output(s) named by its marker %r and the "
+                                   "outputs %s" % (tensor, self.path, len(found), marker,
+                                                   [o.name or o.uid for o in outs]))
+            self.outputs.append((tensor, owner.inputs[0], "marker"))
+        # the graph without the markers (they would show in 'nodes' as nodes ONNX lacks), rooted
+        # as CNTK roots an unmarked import: the one producer, or a combine of several
+        inner = list(collections.OrderedDict((v.uid, v) for _t, v, _m in self.outputs
+                                             if not v.is_input).values())
+        if len(inner) == 1 and inner[0].owner is not None:
+            self.function = cntk.as_composite(inner[0].owner)
+        elif inner:
+            self.function = _cntk_call(cntk.combine, inner)
 
     def producers(self):
         """ONNX tensor name -> (node tuple, output index)."""
@@ -382,16 +373,24 @@ def op_load(state, header, arrays):
     path = _field(header, "path", str)
     spec = header.get("device", "cpu")
     device = parse_device(spec)
-    function = _cntk_call(cntk.Function.load, path, device=device,
-                          format=cntk.ModelFormat.ONNX)
     notes = []
+    graph, marked, markers = None, None, ()
     try:
         graph = read_onnx_graph(path)
-    except Exception as exc:  # CNTK read it, so this is our parser: fall back to CNTK names
-        graph = None
+        marked, markers = write_marked(path, graph)
+    except Exception as exc:  # not ONNX we can read: CNTK's own load says what is wrong with it
+        if graph is not None:
+            raise RequestError("InternalError", "cannot write the output-marked copy of %s: %s: %s"
+                               % (path, type(exc).__name__, exc), traceback.format_exc())
         notes.append("could not read ONNX names (%s: %s); using CNTK names" % (
             type(exc).__name__, exc))
-    model = Model(path, spec, device, function, graph, notes)
+    try:
+        function = _cntk_call(cntk.Function.load, marked or path, device=device,
+                              format=cntk.ModelFormat.ONNX)
+    finally:
+        if marked:
+            os.unlink(marked)
+    model = Model(path, spec, device, function, graph, notes, markers)
     handle = state.next_handle
     state.next_handle += 1
     state.models[handle] = model

@@ -12,7 +12,7 @@ the name of. An ONNX tensor T of node P is read in CNTK as:
   2b. by consumer, when that fails too (an LSTM becomes a chain of anonymous sequence ops):
      what the CNTK function of a named consumer of T reads in T's place, i.e. the nearest
      variable with T's shape behind that input; consumers that disagree -> unmapped;
-  3. a graph output not found so: the worker's own output matching;
+  3. a graph output not found so: the worker's own output matching (its output markers);
 and its value must then have T's shape (up to size-1 axes, which do not move elements; axis
 order is ONNX's on both sides). Anything else is "unmapped: <reason>" (docs/layerwise.md).
 """
@@ -204,7 +204,7 @@ class _Mapper:
                 continue
             if out.name in self.found:
                 m = self.found[out.name]
-                if m.cntk_uid != info.cntk_uid and info.matched == "name":
+                if m.cntk_uid != info.cntk_uid and info.matched in ("marker", "name"):
                     self.structure_fail[out.name] = (f"ambiguous: mapped to {m.cntk_uid} by {m.rule}, but the "
                                                      f"worker matched the graph output to {info.cntk_uid}")
                     del self.found[out.name]

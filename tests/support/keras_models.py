@@ -1,0 +1,50 @@
+"""Small Keras models built on the fly for cases no fixture covers (saved once per directory)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+
+def _build(path: Path, make: Callable[[object, object], object], seed: int) -> Path:
+    if not path.exists():
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import keras
+
+        keras.utils.set_random_seed(seed)
+        make(keras, keras.layers).save(path)
+    return path
+
+
+def _dense(L, units, name, activation=None):
+    # a nonzero bias: with Keras' zero init tf2onnx drops the Add and emits MatMul, not Gemm
+    return L.Dense(units, activation=activation, bias_initializer="random_normal", name=name)
+
+
+def twin_heads(directory: Path) -> Path:
+    """Two Dense heads of the same shape straight from a shared trunk: two Gemm outputs CNTK
+    leaves unnamed, which only a name-independent mapping can tell apart."""
+    def make(keras, L):
+        x = keras.Input((6,), name="features")
+        trunk = _dense(L, 8, "trunk", "tanh")(x)
+        return keras.Model(x, [_dense(L, 3, "head_a")(trunk), _dense(L, 3, "head_b")(trunk)])
+    return _build(Path(directory) / "twin_heads.keras", make, 11)
+
+
+def three_heads(directory: Path) -> Path:
+    """ONet-like: a trunk and three Dense heads of different shapes (unnamed Gemm outputs)."""
+    def make(keras, L):
+        x = keras.Input((5,), name="crop")
+        trunk = _dense(L, 16, "trunk", "relu")(x)
+        return keras.Model(x, [_dense(L, 4, "box")(trunk), _dense(L, 10, "marks")(trunk),
+                               _dense(L, 2, "face", "softmax")(trunk)])
+    return _build(Path(directory) / "three_heads.keras", make, 12)
+
+
+def dilated_conv(directory: Path) -> Path:
+    """A dilated Conv2D: valid ONNX that CNTK 2.7 loads but cannot run on the CPU ("Dilated
+    convolution on CPU is not yet implemented"), at every batch size."""
+    def make(keras, L):
+        x = keras.Input((12, 12, 3), name="image")
+        return keras.Model(x, L.Conv2D(4, 3, dilation_rate=2, name="atrous")(x))
+    return _build(Path(directory) / "dilated_conv.keras", make, 13)
