@@ -67,7 +67,10 @@ def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
 
 
 def rename_tensor(model: onnx.ModelProto, old: str, new: str) -> None:
-    """Rename a tensor everywhere it appears (node inputs/outputs, graph I/O, value_info)."""
+    """Rename a tensor everywhere it appears (node inputs/outputs, initializers, graph I/O, value_info)."""
+    for init in model.graph.initializer:
+        if init.name == old:
+            init.name = new
     for node in model.graph.node:
         node.input[:] = [new if n == old else n for n in node.input]
         node.output[:] = [new if n == old else n for n in node.output]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from pytest_tf2cntk.convert.cache import ConversionCache
 from pytest_tf2cntk.convert.options import ConversionOptions
 from pytest_tf2cntk.convert.passes import PassRecord
 from pytest_tf2cntk.convert.tf_model import ModelTensor, TFModel, load_tf_model
-from pytest_tf2cntk.convert.validation import Problem
+from pytest_tf2cntk.convert.validation import MAX_OPSET, Problem
 from pytest_tf2cntk.errors import ConversionError, ModelLoadError, ValidationError
 
 CNTK_IR_VERSION = 4
@@ -153,44 +152,19 @@ def pipeline_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-class _LogCapture(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(f"{record.levelname}: {record.getMessage()}")
-
-
 def tf_to_onnx(model: TFModel, batch: int, opset: int, free_batch: bool = False) -> onnx.ModelProto:
-    """tf2onnx at a fixed batch; its log becomes part of the error when it fails.
+    """tf2onnx at a fixed batch; its log names the reason when it fails or leaves TF ops behind.
 
     With ``free_batch`` the graph is converted with a free batch dimension which is then fixed
     in the ONNX graph (the passes fold the shape arithmetic that leaves behind).
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tf2onnx
+    from pytest_tf2cntk.convert.tf2onnx_run import convert_traced, unconverted_error
 
     fn, specs = model.tf_function(None if free_batch else batch)
-    logger = logging.getLogger("tf2onnx")
-    capture = _LogCapture()
-    old_level, old_propagate = logger.level, logger.propagate
-    logger.addHandler(capture)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False  # keep tf2onnx's chatter off the user's terminal
-    try:
-        proto, _ = tf2onnx.convert.from_function(fn, input_signature=specs, opset=opset)
-    except Exception as exc:
-        relevant = [ln for ln in capture.lines if "ERROR" in ln or "nsupported" in ln][-10:]
-        log = ("\n  tf2onnx log:\n    " + "\n    ".join(relevant)) if relevant else ""
-        raise ConversionError(f"tf2onnx could not convert {model.path} at opset {opset}: "
-                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
-                              f"{log}", hint="ops unsupported at this opset need another opset or a "
-                                             "replacement layer; CNTK needs opset <= 9") from None
-    finally:
-        logger.removeHandler(capture)
-        logger.setLevel(old_level)
-        logger.propagate = old_propagate
+    proto, left = convert_traced(fn, specs, opset, model.path)
+    if left:
+        raise unconverted_error(model.path, opset, left)
     _use_model_names(proto, model, batch if free_batch else None)
     if opset <= 9:
         proto.ir_version = min(proto.ir_version, CNTK_IR_VERSION)
@@ -198,12 +172,20 @@ def tf_to_onnx(model: TFModel, batch: int, opset: int, free_batch: bool = False)
 
 
 def _use_model_names(proto: onnx.ModelProto, model: TFModel, fix_batch: int | None) -> None:
-    """tf2onnx names tensors after TF's ("Identity:0"); use the model's names, fix a free batch."""
+    """tf2onnx names tensors after TF's ("Identity:0"); use the model's names, fix a free batch.
+
+    Only the model's inputs stay graph inputs: below opset 9 tf2onnx also lists every weight
+    there (IR 3 style); with IR 4 an initializer is a constant, so the copy in the inputs goes.
+    """
     from pytest_tf2cntk.convert.onnx_graph import rename_tensor
 
     for out, info in zip(list(proto.graph.output), model.outputs):
         if out.name != info.name:
             rename_tensor(proto, out.name, info.name)
+    inits = {t.name for t in proto.graph.initializer}
+    real = [inp for inp in proto.graph.input if inp.name not in inits]
+    del proto.graph.input[:]
+    proto.graph.input.extend(real)
     for inp in proto.graph.input:
         if inp.name.endswith(":0"):
             rename_tensor(proto, inp.name, inp.name[:-2])
@@ -211,6 +193,14 @@ def _use_model_names(proto: onnx.ModelProto, model: TFModel, fix_batch: int | No
         if fix_batch and dims and not dims[0].HasField("dim_value"):
             dims[0].Clear()
             dims[0].dim_value = fix_batch
+    expected = {i.name for i in model.inputs}
+    stray = [i.name for i in proto.graph.input if i.name not in expected]
+    if stray:  # a constant tf2onnx lost: feeding it would test random weights
+        raise ConversionError(f"tf2onnx made {', '.join(repr(n) for n in stray)} graph input(s) of "
+                              f"{model.path}, but the model's inputs are {sorted(expected)}: these are "
+                              "tensors of the model whose values tf2onnx lost.",
+                              hint="report it to tf2onnx with the model; the names show the layer that keeps "
+                                   "these tensors, which a replacement layer avoids")
 
 
 def _has_control_flow(proto: onnx.ModelProto) -> bool:
@@ -252,6 +242,11 @@ def convert(path: str | os.PathLike, *, batch: int = _DEFAULTS.batch, opset: int
             return from_entry(*hit, hit=True)
         (progress or (lambda _m: None))(f"converting {source} (batch {batch}, opset {opset}) ...")
         tf_model = load_tf_model(source, signature, unsafe_load)
+        if not tf_model.inputs:
+            raise ModelLoadError(f"{source} takes no inputs{f' (signature {signature!r})' if signature else ''}: "
+                                 "a parity test runs TensorFlow and CNTK on generated inputs, so there is "
+                                 "nothing to test.", hint="test a model, or a signature "
+                                 "(--tf2cntk-signature), that takes at least one input")
         proto, meta = _convert_fresh(source, tf_model, keyed, apply_passes, progress)
         onnx_path = _store(cache, key, proto, meta, use_cache)
     result = from_entry(onnx_path, meta, hit=False)
@@ -296,10 +291,39 @@ def _convert_fresh(source: Path, tf_model: TFModel, keyed: dict[str, Any], apply
             records += applied
         warnings = validate(proto, str(source))
     except (ConversionError, ValidationError) as exc:
+        if opset > MAX_OPSET:
+            exc = _unless_opset_nine_fails(exc, tf_model, batch, str(source))
         error = {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint,
                  "problems": [p.to_json() for p in getattr(exc, "problems", [])]}
         return None, dataclasses.replace(meta, error=error)
     return proto, dataclasses.replace(meta, ops=op_counts(proto), passes=records, warnings=list(warnings))
+
+
+def _unless_opset_nine_fails(exc: ConversionError | ValidationError, tf_model: TFModel, batch: int,
+                             source: str) -> ConversionError | ValidationError:
+    """An error above opset 9 that sends the user to opset 9, unless tf2onnx cannot convert the
+    model there: then it says so, rather than send them round in circles."""
+    from pytest_tf2cntk.convert.tf2onnx_run import convert_traced, unconverted_hint
+    from pytest_tf2cntk.convert.validation import HINT_OPSET, validation_error
+
+    problems = list(getattr(exc, "problems", []))
+    if not (f"opset {MAX_OPSET}" in (exc.hint or "") or any(p.hint == HINT_OPSET for p in problems)):
+        return exc
+    fn, specs = tf_model.tf_function(batch)
+    try:
+        left = convert_traced(fn, specs, MAX_OPSET, source)[1]
+    except ConversionError:
+        return exc  # it fails differently there; opset 9's own error will tell
+    if not left:
+        return exc
+    lines = "\n".join(f"  - {u}" for u in left)
+    note = (f"\nOpset {MAX_OPSET}, the highest CNTK 2.7 imports, is no way out: there tf2onnx cannot "
+            f"convert {len(left)} TensorFlow op(s):\n{lines}")
+    if isinstance(exc, ValidationError):
+        instead = f"not opset {MAX_OPSET}: tf2onnx cannot convert the model there (see below)"
+        problems = [dataclasses.replace(p, hint=instead) if p.hint == HINT_OPSET else p for p in problems]
+        return validation_error(source, problems, note, hint=unconverted_hint(left))
+    return ConversionError(exc.message + note, hint=unconverted_hint(left))
 
 
 def _store(cache: ConversionCache, key: str, proto: onnx.ModelProto | None, meta: CacheMeta,

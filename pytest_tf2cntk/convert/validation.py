@@ -211,9 +211,15 @@ def validate(model: onnx.ModelProto, source: str = "model") -> list[Problem]:
         raise ValidationError(f"Shape inference fails on the ONNX graph of {source}: "
                               f"{str(exc).strip().splitlines()[0]}", hint=HINT_BATCH) from None
     problems = check_support(model)
-    errors = [p for p in problems if p.severity == "error"]
-    if errors:
-        lines = "\n".join(f"  - {p}" for p in errors)
-        raise ValidationError(f"{source}: {len(errors)} node(s) CNTK 2.7 cannot import correctly:\n"
-                              f"{lines}", problems=problems)
+    if any(p.severity == "error" for p in problems):
+        raise validation_error(source, problems)
     return problems
+
+
+def validation_error(source: str, problems: list[Problem], note: str = "",
+                     hint: str | None = None) -> ValidationError:
+    """The error listing every problem of severity "error" (``note`` follows the list)."""
+    errors = [p for p in problems if p.severity == "error"]
+    lines = "\n".join(f"  - {p}" for p in errors)
+    return ValidationError(f"{source}: {len(errors)} node(s) CNTK 2.7 cannot import correctly:\n"
+                           f"{lines}{note}", problems=problems, hint=hint)
