@@ -5,7 +5,9 @@ key ``NAME`` of ``[tool.tf2cntk]`` in pyproject.toml and, for the groups a comma
 ``tf2cntk`` command's ``--NAME`` (after pytest-benchmark's ``add_*_options(prefix=...)`` and
 Polygraphy's argument groups). Precedence: command line, then ini, then ``[tool.tf2cntk]``,
 then the default. Budgets and input ranges are tables (``[tool.tf2cntk.budgets]``,
-``[tool.tf2cntk.inputs]``), validated here too. No pytest import: parsers are passed in.
+``[tool.tf2cntk.inputs]``), validated here too; an option with a syntax of its own has a
+``parser`` (``input_shapes``: "name:64x64x3" texts, or the ``[tool.tf2cntk.input_shapes]`` table
+under its own key). No pytest import: parsers are passed in.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ class Option:
     group: str = PLUGIN
     pytest_flag: str | None = None  # when it differs from --tf2cntk-NAME
     choices: tuple[str, ...] = ()  # text options: the values allowed
+    parser: Callable[[Any], Any] | None = None  # a syntax of its own: raw value -> value, ValueError if wrong
 
     @property
     def in_pytest(self) -> bool:
@@ -48,7 +51,8 @@ class Option:
 
     @property
     def cli_flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        """The command's flag: the pytest flag without its prefix (--tf2cntk-input-shape -> --input-shape)."""
+        return "--" + self.flag[len("--tf2cntk-"):]
 
     @property
     def ini(self) -> str:
@@ -62,6 +66,8 @@ class Option:
         """The value of ``raw`` (text or a TOML value); ValueError says what is allowed."""
         if raw is None or raw == "":
             return self.default
+        if self.parser is not None:
+            return self.parser(raw)
         if self.kind == "bool":
             if isinstance(raw, bool):
                 return raw
@@ -85,6 +91,56 @@ class Option:
         if self.minimum is not None and (value <= self.minimum if self.strict else value < self.minimum):
             raise ValueError(f"must be {'>' if self.strict else '>='} {self.minimum:g} (got {raw})")
         return value
+
+
+SHAPE_SYNTAX = ("NAME:SHAPE, SHAPE the input's dimensions after the batch axis as positive integers "
+                "joined by x, e.g. image:64x64x3")
+
+
+def parse_input_shapes(raw: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Fixed input shapes, sorted by name: "name:64x64x3" texts (command line, ini, a TOML list),
+    a table {name: [64, 64, 3] or "64x64x3"} or (name, dims) pairs. ValueError names the entry."""
+    if raw is None or raw == "":
+        return ()
+    if isinstance(raw, Mapping):
+        items = [(str(k), v, f"{k} = {v!r}") for k, v in raw.items()]
+    else:
+        items = []
+        for entry in [raw] if isinstance(raw, str) else list(raw):
+            if isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str):
+                items.append((entry[0], entry[1], f"{entry[0]}:{entry[1]!r}"))  # as stored
+                continue
+            text = str(entry).strip()
+            name, sep, dims = text.rpartition(":")
+            if not sep or not name.strip():
+                raise ValueError(f"{text!r} is not {SHAPE_SYNTAX}")
+            items.append((name.strip(), dims, repr(text)))
+    out: dict[str, tuple[int, ...]] = {}
+    for name, dims, shown in items:
+        shape = _shape_dims(dims, shown)
+        if out.get(name, shape) != shape:
+            raise ValueError(f"input {name!r} is given two shapes, {'x'.join(map(str, out[name]))} and "
+                             f"{'x'.join(map(str, shape))}: give one")
+        out[name] = shape
+    return tuple(sorted(out.items()))
+
+
+def _shape_dims(dims: Any, shown: str) -> tuple[int, ...]:
+    parts = dims.lower().split("x") if isinstance(dims, str) else dims
+    if not isinstance(parts, (list, tuple)) or not parts:
+        raise ValueError(f"{shown}: expected {SHAPE_SYNTAX} (in a table: name = [64, 64, 3])")
+    out = []
+    for part in parts:
+        try:
+            if isinstance(part, bool) or (isinstance(part, float) and not part.is_integer()):
+                raise ValueError
+            d = int(part.strip()) if isinstance(part, str) else int(part)
+        except (TypeError, ValueError):
+            raise ValueError(f"{shown}: {part!r} is not a whole number; expected {SHAPE_SYNTAX}") from None
+        if d < 1:
+            raise ValueError(f"{shown}: dimension {d} must be >= 1; expected {SHAPE_SYNTAX}")
+        out.append(d)
+    return tuple(out)
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -115,6 +171,10 @@ OPTIONS: tuple[Option, ...] = (
                               "~/.cache/pytest-tf2cntk/conversions)", metavar="DIR", group=CONVERSION),
     Option("signature", None, "SavedModel signature to test (default: serving_default)", metavar="NAME",
            group=CONVERSION),
+    Option("input_shapes", (), "fix an input's free dimensions for the test: NAME:SHAPE, the dimensions after "
+                               "the batch joined by x, e.g. image:64x64x3 (repeatable; ini: one per line; "
+                               "pyproject: [tool.tf2cntk.input_shapes] image = [64, 64, 3])", "list",
+           "NAME:SHAPE", group=CONVERSION, pytest_flag="--tf2cntk-input-shape", parser=parse_input_shapes),
     Option("edge_values", False, "begin with NaN/Inf-free edge patterns (zeros, range extremes, large and "
                                  "subnormal values) on each input, then let Hypothesis mix them in", "bool",
            group=PARITY),
@@ -184,6 +244,7 @@ class Settings:
     unsafe_load: bool = default("unsafe_load")
     cache_dir: str | None = default("cache_dir")
     signature: str | None = default("signature")
+    input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = default("input_shapes")
     edge_values: bool = default("edge_values")
     timeout: float = default("timeout")
     layerwise: bool = default("layerwise")
@@ -231,7 +292,7 @@ def resolve(getoption: Callable[[str], Any], getini: Callable[[str], Any], rootd
         if ini == [] or ini == "":
             ini = None
         raw, source = next(((v, s) for v, s in ((cli, o.flag), (ini, f"ini option {o.ini}"),
-                                                (tool.get(o.name), f"[tool.tf2cntk] {o.name}"))
+                                                (tool.get(o.name), tool_source(o.name, tool)))
                             if v is not None), (None, ""))
         try:
             values[o.name] = o.parse(raw)
@@ -290,6 +351,11 @@ def tool_table(pyproject: Mapping[str, Any] | None) -> dict[str, Any]:
     return tool
 
 
+def tool_source(name: str, tool: Mapping[str, Any]) -> str:
+    """How an error names a key of ``[tool.tf2cntk]``: a table as ``[tool.tf2cntk.NAME]``."""
+    return f"[tool.tf2cntk.{name}]" if isinstance(tool.get(name), Mapping) else f"[tool.tf2cntk] {name}"
+
+
 def project_tables(tool: Mapping[str, Any]) -> dict[str, Any]:
     """``budgets`` and ``inputs`` from ``[tool.tf2cntk]``, validated."""
     return {"budgets": parse_budget_table(tool.get("budgets", {})),
@@ -345,6 +411,9 @@ def add_arguments(parser: argparse.ArgumentParser, *picks: str, skip: tuple[str,
     for o in selected(*picks, skip=skip):
         if o.kind == "bool":
             parser.add_argument(o.cli_flag, dest=o.name, action="store_true", default=None, help=o.help)
+        elif o.kind == "list":  # repeatable: each value checked as given, the list by from_args/given
+            parser.add_argument(o.cli_flag, dest=o.name, action="append", default=None, metavar=o.metavar,
+                                type=_itemtype(o), help=o.help)
         else:
             parser.add_argument(o.cli_flag, dest=o.name, default=None, metavar=o.metavar, type=_argtype(o),
                                 help=f"{o.help} (default: {o.shown_default})")
@@ -360,20 +429,42 @@ def _argtype(o: Option) -> Callable[[str], Any]:
     return parse
 
 
+def _itemtype(o: Option) -> Callable[[str], Any]:
+    def check(text: str) -> str:
+        try:
+            o.parse([text])
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+    check.__name__ = o.metavar or "value"
+    return check
+
+
+def _given_value(o: Option, value: Any) -> Any:
+    """A command-line value; a repeatable option's list parsed as a whole (e.g. one input given twice)."""
+    if o.kind != "list" or value is None:
+        return value
+    try:
+        return o.parse(value)
+    except ValueError as exc:
+        raise ValueError(f"{o.cli_flag}: {exc}") from None
+
+
 def given(args: argparse.Namespace, *picks: str) -> dict[str, Any]:
     """The options of ``picks`` that the command line set."""
-    return {o.name: getattr(args, o.name) for o in selected(*picks) if getattr(args, o.name, None) is not None}
+    return {o.name: _given_value(o, getattr(args, o.name)) for o in selected(*picks)
+            if getattr(args, o.name, None) is not None}
 
 
 def from_args(args: argparse.Namespace, *picks: str, tool: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Values for a command: its arguments over ``[tool.tf2cntk]`` over the defaults."""
     out = {}
     for o in selected(*picks):
-        value = getattr(args, o.name, None)
+        value = _given_value(o, getattr(args, o.name, None))
         if value is None:
             try:
                 value = o.parse((tool or {}).get(o.name))
             except ValueError as exc:
-                raise ValueError(f"[tool.tf2cntk] {o.name}: {exc}") from None
+                raise ValueError(f"{tool_source(o.name, tool or {})}: {exc}") from None
         out[o.name] = value
     return out

@@ -1,7 +1,8 @@
 """Valid value domains of model inputs, read from the converted graph.
 
-A float input defaults to a range; an integer input that indexes an embedding (reaches a
-Gather's indices) gets ids inside the vocabulary, so generated inputs never ask the model a
+A float input defaults to a range; an input that indexes an embedding (reaches a Gather's
+indices) gets ids inside the vocabulary, integers as floats for a float input (Keras' default
+Input dtype, cast to int32 by the Embedding), so generated inputs never ask the model a
 question it cannot answer.
 """
 from __future__ import annotations
@@ -18,6 +19,11 @@ DEFAULT_FLOAT_RANGE = (-1.0, 1.0)
 DEFAULT_INT_RANGE = (0, 10)
 # Ops an index tensor may pass through on its way to a Gather without changing its values.
 _INDEX_PASSTHROUGH = {"Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transpose"}
+# ...and, once it is an integer, the arithmetic of the wrap of negative ids Keras puts in front
+# of every Gather (where(ids < 0, ids + vocab, ids), at opset 9 as masks times ids plus ...)
+_INDEX_WRAP = {"Add", "Mul", "Where"}
+_INT_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
+              onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64}
 
 
 @dataclass(frozen=True)
@@ -32,15 +38,16 @@ class InputDomain(Jsonable):
 
 
 
-def _gather_vocab(model: onnx.ModelProto, tensor: str) -> int | None:
-    """Smallest vocabulary among the Gathers this tensor indexes (through pass-through ops)."""
+def _gather_vocab(model: onnx.ModelProto, tensor: str, integer: bool) -> int | None:
+    """Smallest vocabulary among the Gathers this tensor indexes (through pass-through ops, and
+    the wrap of negative ids once it is an integer: a float is indexed only after a Cast)."""
     users = og.consumers(model)
     consts = og.constant_values(model)
     shapes: dict[str, tuple] | None = None
     vocabs: list[int] = []
-    frontier, seen = [tensor], set()
+    frontier, seen = [(tensor, integer)], set()
     while frontier:
-        name = frontier.pop()
+        name, is_int = frontier.pop()
         if name in seen:
             continue
         seen.add(name)
@@ -54,8 +61,10 @@ def _gather_vocab(model: onnx.ModelProto, tensor: str) -> int | None:
                     dims = shapes.get(node.input[0])
                     if dims and dims[axis]:
                         vocabs.append(int(dims[axis]))
-            elif node.op_type in _INDEX_PASSTHROUGH:
-                frontier.extend(node.output)
+            elif node.op_type == "Cast":
+                frontier.extend((t, og.attr(node, "to", 0) in _INT_TYPES) for t in node.output)
+            elif node.op_type in _INDEX_PASSTHROUGH or (is_int and node.op_type in _INDEX_WRAP):
+                frontier.extend((t, is_int) for t in node.output)
     return min(vocabs) if vocabs else None
 
 
@@ -72,15 +81,16 @@ def derive_domains(model: onnx.ModelProto, overrides: dict[str, tuple[float, flo
         shape = tuple(int(d.dim_value) for d in tt.shape.dim)
         if dtype == np.bool_:
             dom = InputDomain(vi.name, "bool", shape, 0, 2, "bool")
-        elif np.issubdtype(dtype, np.integer):
-            vocab = _gather_vocab(model, vi.name)
+        else:
+            integer = bool(np.issubdtype(dtype, np.integer))
+            vocab = _gather_vocab(model, vi.name, integer)
             if vocab:
                 dom = InputDomain(vi.name, dtype.name, shape, 0, vocab, "index",
-                                  f"indexes an embedding of {vocab} rows")
-            else:
+                                  f"indexes an embedding of {vocab} rows" + ("" if integer else " (ids as floats)"))
+            elif integer:
                 dom = InputDomain(vi.name, dtype.name, shape, *DEFAULT_INT_RANGE, "int")
-        else:
-            dom = InputDomain(vi.name, dtype.name, shape, *default_float, "float")
+            else:
+                dom = InputDomain(vi.name, dtype.name, shape, *default_float, "float")
         if vi.name in overrides:
             low, high = overrides[vi.name]
             dom = replace(dom, low=float(low), high=float(high), why="configured")

@@ -14,3 +14,5 @@ class ConversionOptions(Jsonable):
     signature: str | None = default("signature")
     unsafe_load: bool = default("unsafe_load")
     cache_dir: str | None = default("cache_dir")
+    # (input name, its dimensions after the batch): fixes free dimensions (--tf2cntk-input-shape)
+    input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = default("input_shapes")

@@ -51,6 +51,7 @@ class CacheMeta(Jsonable):
     warnings: list[Problem] = field(default_factory=list)
     error: dict[str, Any] | None = None  # type, message, hint, problems
     onnx_sha256: str | None = None
+    layer_scopes: dict[str, str] = field(default_factory=dict)  # TF name scope -> Keras layer
 
     def raise_error(self) -> None:
         if not self.error:
@@ -77,6 +78,7 @@ class Conversion:
     from_cache: bool
     seconds: float
     key: str
+    layer_scopes: dict[str, str] = field(default_factory=dict)  # TF name scope -> Keras layer (localization)
     _onnx: onnx.ModelProto | None = field(default=None, repr=False)
     _tf: TFModel | None = field(default=None, repr=False)
     _twin: Any = field(default=None, repr=False)
@@ -100,7 +102,8 @@ class Conversion:
     def tf_model(self) -> TFModel:
         """Loaded on first use: a cache hit never pays for importing TensorFlow."""
         if self._tf is None:
-            self._tf = load_tf_model(self.source, self.options.signature, self.options.unsafe_load)
+            self._tf = load_tf_model(self.source, self.options.signature, self.options.unsafe_load,
+                                     self.options.input_shapes)
         return self._tf
 
     def float64_twin(self) -> Any:
@@ -162,6 +165,10 @@ def tf_to_onnx(model: TFModel, batch: int, opset: int, free_batch: bool = False)
     from pytest_tf2cntk.convert.tf2onnx_run import convert_traced, unconverted_error
 
     fn, specs = model.tf_function(None if free_batch else batch)
+    try:
+        model.trace_for_conversion(fn, specs)  # notes each Keras layer's TF scope, for localization
+    except Exception:  # noqa: BLE001 - the same trace fails inside tf2onnx, which explains it
+        pass
     proto, left = convert_traced(fn, specs, opset, model.path)
     if left:
         raise unconverted_error(model.path, opset, left)
@@ -213,25 +220,34 @@ _DEFAULTS = ConversionOptions()  # from the option table
 def convert(path: str | os.PathLike, *, batch: int = _DEFAULTS.batch, opset: int = _DEFAULTS.opset,
             signature: str | None = _DEFAULTS.signature, unsafe_load: bool = _DEFAULTS.unsafe_load,
             cache_dir: str | os.PathLike | None = _DEFAULTS.cache_dir, use_cache: bool = True,
-            apply_passes: bool = True, progress: Callable[[str], None] | None = None) -> Conversion:
-    """Convert one model for CNTK. Raises ModelLoadError, ConversionError or ValidationError."""
+            apply_passes: bool = True, progress: Callable[[str], None] | None = None,
+            input_shapes: Any = _DEFAULTS.input_shapes) -> Conversion:
+    """Convert one model for CNTK. Raises ModelLoadError, ConversionError or ValidationError.
+
+    ``input_shapes`` fixes free input dimensions: {name: dims without the batch}, or
+    "name:64x64x3" texts (as --tf2cntk-input-shape takes them)."""
     from pytest_tf2cntk.convert.tf_model import detect_kind
+    from pytest_tf2cntk.options import parse_input_shapes
 
     source = Path(path)
     detect_kind(source)  # bad paths fail here, before any hashing or TF import
     if batch < 1:
         raise ModelLoadError(f"Batch size must be >= 1 (got {batch}).")
-    options = ConversionOptions(batch, opset, signature, unsafe_load, str(cache_dir) if cache_dir else None)
+    try:
+        shapes = parse_input_shapes(input_shapes)
+    except ValueError as exc:
+        raise ModelLoadError(f"input_shapes: {exc}") from None
+    options = ConversionOptions(batch, opset, signature, unsafe_load, str(cache_dir) if cache_dir else None, shapes)
     cache = ConversionCache(Path(cache_dir) if cache_dir else None)
     keyed = {"batch": batch, "opset": opset, "signature": signature, "passes": apply_passes,
-             "unsafe_load": unsafe_load}
+             "unsafe_load": unsafe_load, "input_shapes": [[n, list(d)] for n, d in shapes]}
     key = cache.key(source, keyed, pipeline_fingerprint())
     started = time.perf_counter()
 
     def from_entry(onnx_path: Path, meta: CacheMeta, hit: bool) -> Conversion:
         meta.raise_error()
         return Conversion(source, onnx_path, options, meta.inputs, meta.outputs, meta.ops, meta.passes,
-                          meta.warnings, hit, time.perf_counter() - started, key)
+                          meta.warnings, hit, time.perf_counter() - started, key, dict(meta.layer_scopes))
 
     hit = _cached(cache, key) if use_cache else None
     if hit:
@@ -241,7 +257,7 @@ def convert(path: str | os.PathLike, *, batch: int = _DEFAULTS.batch, opset: int
         if hit:
             return from_entry(*hit, hit=True)
         (progress or (lambda _m: None))(f"converting {source} (batch {batch}, opset {opset}) ...")
-        tf_model = load_tf_model(source, signature, unsafe_load)
+        tf_model = load_tf_model(source, signature, unsafe_load, shapes)
         if not tf_model.inputs:
             raise ModelLoadError(f"{source} takes no inputs{f' (signature {signature!r})' if signature else ''}: "
                                  "a parity test runs TensorFlow and CNTK on generated inputs, so there is "
@@ -275,13 +291,14 @@ def _convert_fresh(source: Path, tf_model: TFModel, keyed: dict[str, Any], apply
     batch, opset = keyed["batch"], keyed["opset"]
     try:
         proto = tf_to_onnx(tf_model, batch, opset)
+        scopes = tf_model.layer_scopes
         records: list[PassRecord] = []
         if _has_control_flow(proto):
             # Keras 3 LSTM becomes a Loop at batch 1 but an ONNX LSTM with a free batch:
             # convert free, fix the batch in ONNX, and keep it if the Loop is gone.
             free = tf_to_onnx(tf_model, batch, opset, free_batch=True)
             if not _has_control_flow(free):
-                proto = free
+                proto, scopes = free, tf_model.layer_scopes
                 records.append(PassRecord("free_batch_conversion", 1, "tf2onnx emitted Loop at a fixed batch; "
                                           "converted with a free batch, then fixed it"))
         if apply_passes:
@@ -296,7 +313,8 @@ def _convert_fresh(source: Path, tf_model: TFModel, keyed: dict[str, Any], apply
         error = {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint,
                  "problems": [p.to_json() for p in getattr(exc, "problems", [])]}
         return None, dataclasses.replace(meta, error=error)
-    return proto, dataclasses.replace(meta, ops=op_counts(proto), passes=records, warnings=list(warnings))
+    return proto, dataclasses.replace(meta, ops=op_counts(proto), passes=records, warnings=list(warnings),
+                                      layer_scopes=dict(scopes))
 
 
 def _unless_opset_nine_fails(exc: ConversionError | ValidationError, tf_model: TFModel, batch: int,

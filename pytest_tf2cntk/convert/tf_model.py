@@ -35,10 +35,51 @@ class ModelTensor(Jsonable):
         if dims and dims[0] is None:
             dims[0] = batch
         if any(d is None for d in dims):
+            example = "x".join(str(d or 64) for d in self.shape[1:])
+            listed = ", ".join(str(d or 64) for d in self.shape[1:])
             raise ModelLoadError(
-                f"Input '{self.name}' has a free non-batch dimension {self.shape}; parity tests need "
-                "static shapes.", hint="give the model a fixed input shape (e.g. keras.Input(shape=...))")
+                f"Input '{self.name}' has free dimensions besides the batch ({_dims(self.shape)}, batch "
+                "first); parity tests need static shapes.",
+                hint=f"set them for the test with --tf2cntk-input-shape={self.name}:{example} (tf2cntk: "
+                     f"--input-shape; pyproject: [tool.tf2cntk.input_shapes] {self.name} = [{listed}]), "
+                     "or give the model a fixed input shape (keras.Input(shape=...))")
         return tuple(int(d) for d in dims)  # type: ignore[arg-type]
+
+
+def _dims(shape: tuple[int | None, ...]) -> str:
+    return "[" + ", ".join("None" if d is None else str(d) for d in shape) + "]"
+
+
+SHAPE_OPTION = "--tf2cntk-input-shape / tf2cntk --input-shape / [tool.tf2cntk.input_shapes]"
+
+
+def fix_input_shapes(inputs: list[ModelTensor], shapes: tuple[tuple[str, tuple[int, ...]], ...],
+                     path: Path) -> list[ModelTensor]:
+    """The inputs with the configured shapes (batch axis excluded) in place of their free axes;
+    ModelLoadError for a name the model lacks, a wrong rank or a contradicted fixed axis."""
+    by_name = {i.name: i for i in inputs}
+    known = ", ".join(f"{i.name} {_dims(i.shape)}" for i in inputs) or "none"
+    fixed = dict(shapes)
+    for name, dims in shapes:
+        spec = f"{name}:{'x'.join(map(str, dims))}"
+        t = by_name.get(name)
+        if t is None:
+            raise ModelLoadError(f"The input shape {spec} ({SHAPE_OPTION}) names an input {path} does not "
+                                 f"have; its inputs are: {known}.", hint="name one of those inputs")
+        if len(dims) != len(t.shape) - 1:
+            raise ModelLoadError(
+                f"The input shape {spec} ({SHAPE_OPTION}) gives {len(dims)} dimension(s), but input '{name}' "
+                f"of {path} has {len(t.shape) - 1} besides the batch: {_dims(t.shape)}, batch first.",
+                hint=f"give all {len(t.shape) - 1} dimensions after the batch, the fixed ones as they are")
+        clash = [(k + 1, d, m) for k, (d, m) in enumerate(zip(dims, t.shape[1:])) if m is not None and d != m]
+        if clash:
+            axis, d, m = clash[0]
+            raise ModelLoadError(
+                f"The input shape {spec} ({SHAPE_OPTION}) contradicts input '{name}' of {path}: its axis {axis} "
+                f"is fixed at {m}, not {d} (shape {_dims(t.shape)}, batch first).",
+                hint="keep the model's fixed dimensions and choose only the free (None) ones")
+    return [ModelTensor(i.name, i.dtype, (i.shape[0],) + tuple(fixed[i.name])) if i.name in fixed else i
+            for i in inputs]
 
 
 
@@ -52,6 +93,8 @@ class TFModel:
     outputs: list[ModelTensor]
     obj: Any = field(repr=False)  # keras.Model or the SavedModel signature function
     _compiled: dict[tuple, Callable] = field(default_factory=dict, repr=False)
+    # TF name scope -> Keras layer whose call ran in it, of the latest ``trace_for_conversion``
+    layer_scopes: dict[str, str] = field(default_factory=dict, repr=False)
 
     def run(self, feeds: dict[str, np.ndarray], device: str = "cpu") -> dict[str, np.ndarray]:
         """Inference (training=False) on ``device`` ('cpu', 'gpu', 'gpu:N')."""
@@ -97,6 +140,56 @@ class TFModel:
         fn = self._trace(key, "cpu")
         specs = [tf.TensorSpec(s, tf.as_dtype(i.dtype), name=i.name) for i, s in zip(self.inputs, shapes)]
         return fn, specs
+
+    def trace_for_conversion(self, fn: Callable, specs: list) -> None:
+        """Trace ``fn`` now (tf2onnx then reuses this trace), noting in ``layer_scopes`` the TF name
+        scope each Keras layer's call ran in. The scope names alone cannot say it: Keras opens a
+        layer's scope to build it and again to call it, so TF uniquifies the second ("dense" runs
+        in ".../dense_1", "dense_1" in ".../dense_1_2")."""
+        scopes: dict[str, str] = {}
+        patched: list[tuple[Any, str, Any]] = []
+        if self.kind != "savedmodel":
+            for layer in _model_layers(self.obj):
+                for attr in ("call", "quantized_call"):  # a quantized layer runs quantized_call
+                    method = getattr(layer, attr, None)
+                    if callable(method):
+                        patched.append((layer, attr, vars(layer).get(attr)))
+                        # past Keras' attribute tracking: this is undone right after the trace
+                        object.__setattr__(layer, attr, _noting_scope(method, layer.name, scopes))
+        try:
+            fn.get_concrete_function(*specs)
+        finally:
+            for layer, attr, before in patched:
+                if before is None:
+                    object.__delattr__(layer, attr)
+                else:
+                    object.__setattr__(layer, attr, before)
+        self.layer_scopes = scopes
+
+
+def _model_layers(model: Any) -> Iterator[Any]:
+    """A Keras model, its layers and those of the models nested in it (not a layer's own
+    sublayers: a user looks for the layers of model.summary())."""
+    import keras
+
+    yield model
+    for layer in getattr(model, "layers", None) or []:
+        if isinstance(layer, keras.Model):
+            yield from _model_layers(layer)
+        else:
+            yield layer
+
+
+def _noting_scope(method: Callable, name: str, scopes: dict[str, str]) -> Callable:
+    import functools
+
+    import tensorflow as tf
+
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        scopes.setdefault(tf.compat.v1.get_default_graph().get_name_scope(), name)
+        return method(*args, **kwargs)
+    return call
 
 
 def tf_device_name(device: str) -> str:
@@ -178,9 +271,16 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-def load_tf_model(path: str | os.PathLike, signature: str | None = None,
-                  unsafe_load: bool = False) -> TFModel:
-    path = Path(path)
+def load_tf_model(path: str | os.PathLike, signature: str | None = None, unsafe_load: bool = False,
+                  input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()) -> TFModel:
+    """The model; ``input_shapes``: (name, dims without the batch) fixing free input dimensions."""
+    model = _load_tf_model(Path(path), signature, unsafe_load)
+    if input_shapes:
+        model.inputs = fix_input_shapes(model.inputs, tuple(input_shapes), model.path)
+    return model
+
+
+def _load_tf_model(path: Path, signature: str | None, unsafe_load: bool) -> TFModel:
     kind = detect_kind(path)
     if path.name == "saved_model.pb":
         path = path.parent

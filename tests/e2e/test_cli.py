@@ -112,3 +112,21 @@ def test_check_reports_an_unusable_device_as_skipped_never_passed(tmp_path: Path
     both = run("check", str(FIXTURES / "mlp.keras"), "--batch", "2", "--max-examples", "2", cwd=tmp_path)
     assert both.returncode == 0, both.stdout + both.stderr
     assert "tf2cntk parity PASSED" in both.stdout and "gpu: skipped" in both.stdout
+
+
+@pytest.mark.needs_cntk
+def test_check_takes_input_shape_and_refuses_a_bad_one_in_one_paragraph(tmp_path: Path) -> None:
+    from tests.support.small_models import fully_convolutional
+
+    model = str(fully_convolutional(tmp_path / "fcn.keras"))
+    ok = run("check", model, "--input-shape", "image:12x12x3", "--devices", "cpu", "--max-examples", "2",
+             cwd=tmp_path)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "tf2cntk parity PASSED" in ok.stdout
+    (tmp_path / "pyproject.toml").write_text("[tool.tf2cntk.input_shapes]\nimage = [12, 12, 4]\n")
+    clash = run("convert", model, "--no-load", cwd=tmp_path)
+    assert clash.returncode == 2 and "Traceback" not in clash.stderr
+    assert "contradicts input 'image'" in clash.stderr and "its axis 3 is fixed at 3, not 4" in clash.stderr
+    syntax = run("convert", model, "--no-load", "--input-shape", "image:12x12", "--input-shape", "image:9x9",
+                 cwd=tmp_path)
+    assert syntax.returncode == 2 and "--input-shape: input 'image' is given two shapes" in syntax.stderr

@@ -244,3 +244,27 @@ def test_last_failed_and_exitfirst_select_model_items(project: pytest.Pytester) 
     again.stdout.fnmatch_lines(["quantized.keras::parity?cpu? FAILED*"])
     first = project.runpytest_subprocess(*args, "-x", "-p", "no:cacheprovider")
     first.assert_outcomes(passed=3, failed=1)  # mlp's items sort first; -x stops after the failure
+
+
+def test_fully_convolutional_model_needs_and_takes_a_fixed_input_shape(pytester: pytest.Pytester) -> None:
+    from tests.support.small_models import built_apart
+
+    built_apart("fully_convolutional", pytester.path / "fcn.keras")
+    args = ("--tf2cntk-model=fcn.keras", "--tf2cntk-devices=cpu", "--tf2cntk-batch=2", *QUIET)
+    refused = pytester.runpytest_subprocess(*args)
+    refused.assert_outcomes(failed=2)
+    refused.stdout.fnmatch_lines([
+        "*Input 'image' has free dimensions besides the batch ([[]None, None, None, 3[]], batch first)*",
+        "*fix: set them for the test with --tf2cntk-input-shape=image:64x64x3*"])
+    assert "Traceback" not in refused.stdout.str()
+    passed = pytester.runpytest_subprocess(*args, "--tf2cntk-input-shape=image:16x16x3", "-v")
+    passed.assert_outcomes(passed=2)
+    passed.stdout.fnmatch_lines(["fcn.keras::convert PASSED*", "*fcn.keras*cpu*heat*PASS*"])
+    pytester.makepyprojecttoml("[tool.tf2cntk.input_shapes]\nimage = [16, 16]\n")
+    wrong = pytester.runpytest_subprocess(*args)
+    wrong.assert_outcomes(failed=2)
+    wrong.stdout.fnmatch_lines(["*The input shape image:16x16 (--tf2cntk-input-shape / tf2cntk --input-shape / "
+                                "[[]tool.tf2cntk.input_shapes[]]) gives 2 dimension(s), but input 'image'*"])
+    bad = pytester.runpytest_subprocess(*args, "--tf2cntk-input-shape=image=16x16x3")
+    assert bad.ret == 4
+    bad.stderr.fnmatch_lines(["*pytest-tf2cntk: --tf2cntk-input-shape: 'image=16x16x3' is not NAME:SHAPE*"])

@@ -2,19 +2,14 @@
 order, nodes by name; and which Keras layer a node belongs to."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Mapping
 
 import numpy as np
 import onnx
 from onnx import shape_inference
 
 from pytest_tf2cntk.convert import onnx_graph as og
-
-if TYPE_CHECKING:
-    from pytest_tf2cntk.convert.pipeline import Conversion
 
 
 @dataclass
@@ -86,50 +81,29 @@ def to_dtype(value: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return value.astype(dtype)
 
 
-_LAYER_CACHE: dict[str, set[str]] = {}
-
-
-def keras_layer_names(conversion: "Conversion") -> set[str]:
-    """Layer names from the saved Keras config (no TensorFlow import); empty for SavedModels."""
-    key = str(conversion.source)
-    if key not in _LAYER_CACHE:
-        names: set[str] = set()
-        try:
-            from pytest_tf2cntk.convert.tf_model import _keras_config, _walk_configs, detect_kind
-
-            kind = detect_kind(Path(conversion.source))
-            if kind in ("keras", "h5"):
-                config = _keras_config(Path(conversion.source), kind)
-                top = config.get("config", {}).get("name") if isinstance(config, dict) else None
-                names = {c["config"]["name"] for c in _walk_configs(config)
-                         if isinstance(c["config"].get("name"), str)} - {top}
-        except Exception:
-            names = set()
-        _LAYER_CACHE[key] = names
-    return _LAYER_CACHE[key]
-
-
-def _layer_of(path: str, layers: set[str]) -> str | None:
-    for part in path.split("/"):
-        base = re.sub(r"_\d+$", "", part)
-        if part in layers:
-            return part
-        if base in layers:
-            return base
+def layer_in_scope(op: str, scopes: Mapping[str, str]) -> str | None:
+    """The Keras layer whose call created TF op ``op``: the innermost recorded scope holding it
+    (``Conversion.layer_scopes``, noted while tracing; never guessed from the names)."""
+    parts = op.split(":")[0].split("/")
+    for k in range(len(parts), 0, -1):
+        layer = scopes.get("/".join(parts[:k]))
+        if layer is not None:
+            return layer
     return None
 
 
-def tf_layer_of(node: onnx.NodeProto, layers: set[str], consts: dict[str, Any] | None = None) -> str:
-    """The Keras layer of a node (by its TF scope), plus the layers its weights come from when
-    tf2onnx fused them in (a Conv carrying a BatchNorm's name reads the conv layer's kernel)."""
-    own = _layer_of(og.tf_origin(node), layers) if layers else None
+def tf_layer_of(node: onnx.NodeProto, scopes: Mapping[str, str], consts: dict[str, Any] | None = None) -> str:
+    """The Keras layer of a node (by the layer call scopes of the trace; without them, e.g. for a
+    SavedModel, the scope after the model's), plus the layers its weights come from when tf2onnx
+    fused them in (a Conv carrying a BatchNorm's name reads the conv layer's kernel)."""
+    own = layer_in_scope(og.tf_origin(node), scopes) if scopes else None
     if own is None:
         own = og.tf_layer(node)
     extra: list[str] = []
-    if layers and consts is not None:
+    if scopes and consts is not None:
         for name in node.input:
             if name in consts:
-                other = _layer_of(name, layers)
+                other = layer_in_scope(name, scopes)
                 if other and other != own and other not in extra:
                     extra.append(other)
     return own + (f" (+{', '.join(extra)})" if extra else "")

@@ -35,7 +35,7 @@ from pytest_tf2cntk.devices import normalize_device
 from pytest_tf2cntk.errors import Tf2CntkError, WorkerCrashed, WorkerTimeout
 from pytest_tf2cntk.parity.budgets import UNIT_ROUNDOFF, BudgetConfig, node_terms, op_budget
 from pytest_tf2cntk.parity.localize import isolate
-from pytest_tf2cntk.parity.localize.graph import GraphFacts, keras_layer_names, tf_layer_of, to_dtype
+from pytest_tf2cntk.parity.localize.graph import GraphFacts, tf_layer_of, to_dtype
 from pytest_tf2cntk.parity.localize.isolate import NodeInputs
 from pytest_tf2cntk.parity.localize.mapping import CntkIndex, map_tensors
 from pytest_tf2cntk.parity.localize.report import (STATUS_CONSTANT, STATUS_NOT_REACHED, STATUS_OK, STATUS_OVER,
@@ -124,7 +124,7 @@ class LocalizationScan:
             raise Tf2CntkError(f"localize: no value for input(s) {', '.join(missing)} "
                                f"(got {', '.join(sorted(self.feeds)) or 'none'})")
         self.worker = worker
-        self.layers = keras_layer_names(conversion)
+        self.layers = conversion.layer_scopes  # TF name scope -> Keras layer
         self.terms = node_terms(self.ref.model, self.config)
         self.culprit_inputs: NodeInputs | None = None
         self.poisoned: dict[str, str] = {}

@@ -200,3 +200,42 @@ def test_realistic_mobilenet_passes_and_a_planted_fault_is_caught(tmp_path: Path
     bad = check_parity(path, "cpu", 4, batch=1, seed=0, reproducer_dir=tmp_path, layerwise="off",
                        cntk_onnx=planted_fault(conv.onnx_path, 1.01))
     assert not bad.passed and bad.outputs["predictions"].stage == STAGE_CNTK
+
+
+def test_float_ids_into_an_embedding_are_whole_ids_inside_the_vocabulary(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keras' default Input dtype is float32; the Embedding casts it: the ids drawn must be ids."""
+    from pytest_tf2cntk.parity import engine
+    from tests.support.small_models import float_embedding
+
+    fed: list[np.ndarray] = []
+    evaluate = engine.ParityEngine.evaluate
+
+    def spy(self, feeds, *args, **kwargs):  # noqa: ANN001, ANN202
+        fed.append(np.array(feeds["ids"]))
+        return evaluate(self, feeds, *args, **kwargs)
+
+    monkeypatch.setattr(engine.ParityEngine, "evaluate", spy)
+    path = float_embedding(tmp_path / "emb.keras", vocab=23)
+    result = check_parity(path, "cpu", 10, batch=2, seed=0, reproducer_dir=tmp_path, cache_dir=tmp_path / "c")
+    assert result.passed, str(result)
+    dom = result.input_domains["ids"]
+    assert (dom.kind, dom.dtype, dom.low, dom.high) == ("index", "float32", 0, 23)
+    assert len(fed) >= 10 and all(f.dtype == np.float32 and f.shape == (2, 5) for f in fed)
+    ids = np.concatenate([f.ravel() for f in fed])
+    assert np.array_equal(ids, np.round(ids)) and ids.min() >= 0 and ids.max() <= 22
+    assert len(np.unique(ids)) > 5  # spread over the vocabulary, not every id truncated to 0
+
+
+def test_a_fully_convolutional_model_is_tested_at_the_shape_given(tmp_path: Path) -> None:
+    from pytest_tf2cntk.errors import ModelLoadError
+    from tests.support.small_models import fully_convolutional
+
+    path = fully_convolutional(tmp_path / "fcn.keras")
+    with pytest.raises(ModelLoadError, match="--tf2cntk-input-shape=image:64x64x3"):
+        check_parity(path, "cpu", 2, batch=2, cache_dir=tmp_path / "c")
+    result = check_parity(path, "cpu", 5, batch=2, seed=0, cache_dir=tmp_path / "c", reproducer_dir=tmp_path,
+                          input_shapes={"image": (20, 12, 3)})
+    assert result.passed, str(result)
+    assert result.input_domains["image"].shape == (2, 20, 12, 3)
+    assert result.outputs["heat"].tf_vs_cntk is not None

@@ -1,0 +1,57 @@
+"""Tiny real Keras models that tests build on the spot for one case each (seeded, saved as .keras)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _keras():  # noqa: ANN202
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    keras.utils.set_random_seed(7)
+    return keras
+
+
+def dense_stack(path: Path, names: tuple[str | None, str | None] = (None, None)) -> Path:
+    """Sequential([Input((6,)), Dense(4, "sigmoid"), Dense(3, "tanh")]), default or given layer names."""
+    keras = _keras()
+    keras.backend.clear_session()  # default names count per process: "dense", "dense_1" from scratch
+    first, second = ({"name": n} if n else {} for n in names)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, "sigmoid", **first),
+                              keras.layers.Dense(3, "tanh", **second)])
+    model.save(path)
+    return path
+
+
+def float_embedding(path: Path, vocab: int = 23, dtype: str = "float32") -> Path:
+    """Input((5,)) in Keras' default dtype float32 (or ``dtype``) -> Embedding(vocab, 4) -> Flatten
+    -> Dense(3)."""
+    keras = _keras()
+    x = keras.Input((5,), name="ids", dtype=dtype)
+    y = keras.layers.Embedding(vocab, 4, embeddings_initializer="uniform")(x)
+    y = keras.layers.Dense(3)(keras.layers.Flatten()(y))
+    keras.Model(x, y).save(path)
+    return path
+
+
+def fully_convolutional(path: Path) -> Path:
+    """Input((None, None, 3), name="image") -> Conv2D 3x3 relu -> Conv2D 1x1: free H and W."""
+    keras = _keras()
+    x = keras.Input((None, None, 3), name="image")
+    y = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(x)
+    keras.Model(x, keras.layers.Conv2D(2, 1, name="heat")(y)).save(path)
+    return path
+
+
+def built_apart(builder: str, path: Path) -> Path:
+    """``builder(path)`` in a fresh process: a pytester test must not import TensorFlow itself
+    (pytester drops the modules a test imported; importing TF's C extensions again aborts)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    code = f"from tests.support.small_models import {builder}; {builder}(__import__('pathlib').Path({str(path)!r}))"
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True, capture_output=True, timeout=300,
+                   env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(root)})
+    return path
