@@ -168,8 +168,9 @@ class _Reporting:
             from pytest_tf2cntk.history.records import RunPayload
 
             self.session.merge(RunPayload.from_json(json.loads(payload)))
-        elif report.failed and report.when in ("call", "???") and not _has_record(report):
-            self.session.record_lost(report.nodeid, report.longreprtext)  # "???": xdist's for a crashed worker
+        elif getattr(report, "node", None) is not None and report.failed and not _has_record(report):
+            # from xdist (it sets report.node) with no record: the worker died mid-check
+            self.session.record_lost(report.nodeid, report.longreprtext)
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         if self.session.worker_id is not None:  # xdist worker: hand what is left to the controller

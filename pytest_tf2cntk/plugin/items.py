@@ -74,11 +74,12 @@ class ParityItem(_ModelItem):
 
         session = session_of(self.config)
         try:
-            conv = session.conversion(self.model_path, lambda m: session.progress(self.config, m), check_cntk=True)
-        except Exception as exc:
-            session.record_error(self.model_path, self.device, exc)
-            raise
-        try:
+            try:
+                conv = session.conversion(self.model_path, lambda m: session.progress(self.config, m),
+                                          check_cntk=True)
+            except Exception as exc:  # the check cannot run: an error row, not a silent gap
+                session.record_error(self.model_path, self.device, exc)
+                raise
             result = session.parity(conv, self.device, config=self.config)  # raises on significant drift
             if not result.passed:
                 raise ParityFailure(str(result))

@@ -155,7 +155,7 @@ def test_graph_cntk_cannot_run_fails_convert_at_the_batch_under_test(project: py
                  "was given is *.onnx"]
     result.stdout.fnmatch_lines(["dilated_conv.keras::convert FAILED*", "dilated_conv.keras::parity?cpu? FAILED*",
                                  "*_ convert _*", *paragraph, "*_ parity?cpu? _*", *paragraph,
-                                 "*dilated_conv.keras*conversion failed: CNTK 2.7 cannot run the converted graph*"])
+                                 "*dilated_conv.keras*cpu*ERROR (CNTKLoadError): CNTK 2.7 cannot run the converted graph*"])
     out = result.stdout.str()
     assert "Traceback" not in out and "CALL STACK" not in out and "Falsifying" not in out
     report = json.loads((project.path / "r.json").read_text())
