@@ -184,16 +184,23 @@ class ParityResult(Jsonable):
     def table(self) -> str:
         rows = [("output", "error", "TF32 noise", "ORT32 noise", "ratio", "run median", "allowed", "rule", "max abs",
                  "at", "top-1", "stage")]
+        uncounted = False
         for c in self.outputs.values():
             t, truth = c.tf_vs_cntk, c.measured
             run = c.run if truth and c.run is not None and c.run.applies else None
-            rows.append((c.output, _g(c.scaled_error), _g(truth.tf32) if truth else "-",
-                         _g(truth.ort32) if truth and truth.ort32 is not None else "-",
+            ort = "-" if truth is None or truth.ort32 is None else _g(truth.ort32)
+            if truth is not None and truth.ort32 is not None and truth.converter_wrong:
+                ort, uncounted = ort + "*", True
+            rows.append((c.output, _g(c.scaled_error), _g(truth.tf32) if truth else "-", ort,
                          f"{truth.ratio:.3g}x" if truth else "-", f"{run.median:.3g}x" if run else "-",
                          _g(c.allowed), c.rule,
                          _g(t.max_abs), str(list(t.max_abs_at)),
                          "-" if t.top1_agreement is None else f"{t.top1_agreement:.0%}", c.stage))
-        return "\n".join(text_table(rows))
+        lines = text_table(rows)
+        if uncounted:
+            lines.append("* not counted as noise: farther from the truth than TF32 allows, and the converted "
+                         "graph is not known to be right there")
+        return "\n".join(lines)
 
     def __str__(self) -> str:
         verdict = "PASSED" if self.passed else "FAILED"

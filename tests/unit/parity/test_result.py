@@ -23,3 +23,21 @@ def test_stage_attribution_covers_every_combination() -> None:
     assert check(0.5, 0.5) == STAGE_BOTH
     assert check(0.07, 0.07) == STAGE_COMBINED  # 0.14 in total, each leg within 0.1
     assert check(0.0, 0.01) == "none"  # passes
+
+
+def test_table_marks_an_onnx_runtime_noise_that_was_not_counted() -> None:
+    """ORT32 far beyond what TF32 allows, with the converted graph not evaluated: it is shown but
+    not counted, and the table says so (else "error < ORT32 noise" would read as a pass by it)."""
+    from dataclasses import replace
+
+    from pytest_tf2cntk.parity.truth import TruthCheck
+    from tests.support.synthetic import U32, make_result
+
+    result = make_result(errors={"y": 1e-5}, measured=("y",)).result
+    counted = result.table()
+    assert "*" not in counted
+    lucky_tf32 = TruthCheck("float64 twin: test", 1e-6, 8e-6, U32, ort32=6e-5)  # 60x TF32, graph unknown
+    result.outputs["y"] = replace(result.outputs["y"], truth=lucky_tf32)
+    text = result.table()
+    assert "6e-05*" in text and "* not counted as noise" in text
+    assert result.outputs["y"].allowed == 10 * 1e-6  # the limit is TF32's alone
