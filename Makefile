@@ -27,7 +27,7 @@ HOST_STAMP := $(VENV)/.tf2cntk-installed
 PYTEST_ARGS ?=
 DEMO_MODELS ?= fixtures/cnn_bn.keras fixtures/two_io.keras
 
-.PHONY: setup host cntk test test-fast lock demo bench clean fixtures
+.PHONY: setup host cntk test test-fast lock demo bench clean fixtures dist
 
 setup: host cntk
 
@@ -85,8 +85,20 @@ bench: setup
 	$(PY) benchmarks/layerwise.py --quick
 	$(PY) benchmarks/fidelity.py --quick
 
+# The sdist and a wheel built from it (so the wheel holds only what the sdist ships), with the
+# locked setuptools of the host venv: no build isolation, no download. DIST=dir to put them
+# elsewhere. Install with `pip install $(DIST)/pytest_tf2cntk-*.whl`, then `tf2cntk setup`.
+DIST ?= dist
+dist: host
+	@rm -rf $(DIST)/pytest_tf2cntk-* pytest_tf2cntk.egg-info
+	@mkdir -p $(DIST)
+	$(PY) -c 'import sys; from setuptools import build_meta; build_meta.build_sdist(sys.argv[1])' $(DIST) >/dev/null
+	$(PIP) wheel -q --no-deps --no-build-isolation -w $(DIST) $(DIST)/pytest_tf2cntk-*.tar.gz
+	@rm -rf pytest_tf2cntk.egg-info
+	@ls -1 $(DIST)/pytest_tf2cntk-*
+
 fixtures: host
 	$(PY) fixtures/build.py
 
 clean:
-	rm -rf $(VENV) .venv-cntk .tf2cntk .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-cntk .tf2cntk .pytest_cache .hypothesis dist build pytest_tf2cntk.egg-info

@@ -44,7 +44,8 @@ def _unavailable(exc: BaseException) -> int:
     from pytest_tf2cntk.errors import Tf2CntkError
 
     raise Tf2CntkError(f"this command cannot run here: {type(exc).__name__}: {exc}",
-                       hint="`tf2cntk doctor` shows what is missing; reinstall with pip install pytest-tf2cntk")
+                       hint="`tf2cntk doctor` shows what is missing; reinstall the package with its "
+                            "dependencies (`pip install .` in its checkout, or `pip install` its wheel)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -312,7 +312,7 @@ def setup(env_dir: Path | None = None, base_python: str | None = None, gpu: bool
 
 # ---------------------------------------------------------------------------------------------
 # Lock files: the exact versions (with sha256 hashes) that setup installs. They ship beside this
-# module as package data, so `tf2cntk setup` after `pip install pytest-tf2cntk` needs no checkout;
+# module as package data, so `tf2cntk setup` after installing the wheel needs no checkout;
 # `make lock` (locks/refresh.py) recreates them from cntk==CNTK_VERSION and its own ranges.
 
 LOCK_FILES = {"cntk": "lock-cntk.txt", "cntk-gpu": "lock-cntk-gpu.txt"}
