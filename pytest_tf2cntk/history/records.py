@@ -56,7 +56,8 @@ class CheckRecord(Jsonable):
     @property
     def passed(self) -> bool | None:
         """True / False for a check that ran to a verdict or errored; None for a skip."""
-        return {OUTCOME_PASSED: True, OUTCOME_SKIPPED: None}.get(self.outcome, False)
+        outcome = self.outcome
+        return None if outcome == OUTCOME_SKIPPED else outcome == OUTCOME_PASSED
 
 
 @dataclass

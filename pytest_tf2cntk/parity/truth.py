@@ -44,7 +44,7 @@ import numpy as np
 from pytest_tf2cntk.codec import Jsonable
 from pytest_tf2cntk.parity.metrics import UNIT_ROUNDOFF
 
-NOISE_FACTOR = 10.0  # measured: correct CNTK <= 6.8x one example's noise (spectrogram front end)
+NOISE_FACTOR = 10.0  # measured: correct CNTK <= 9.6x one example's noise (chaotic LSTM), x1.001 faults 50x up
 FLOOR_ULPS = 8.0  # measured: TF32 and ORT32 reach 7.4 units on well-conditioned models
 RUN_FACTOR = 2.5  # measured: a correct CNTK's median ratio <= 0.96 (calibrated MobileNetV2), faults 1.6-5.1
 RUN_MIN_EXAMPLES = 10  # fewer examples: the median is not yet a stable estimate

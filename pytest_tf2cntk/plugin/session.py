@@ -167,7 +167,7 @@ class Tf2CntkSession:
         try:
             check_cntk_runs(conv, device, self.worker())
         except DeviceUnavailable:
-            pass  # the parity item on that device skips and says why
+            pass  # the parity item on that device skips and says why; asking again would not help
         except CNTKLoadError as exc:
             self._converted[key] = exc
             rel = self.rel(key)
@@ -322,7 +322,7 @@ class Tf2CntkSession:
         self.run.results.extend(payload.results)
         self.run.layers.extend(payload.layers)
         failed = {c.model for c in payload.conversions if not c.ok}  # CNTK refused what converted
-        self.run.conversions[:] = [c for c in self.run.conversions if c.ok is False or c.model not in failed]
+        self.run.conversions[:] = [c for c in self.run.conversions if not c.ok or c.model not in failed]
         seen = {(c.model, c.ok) for c in self.run.conversions}
         for c in payload.conversions:
             if (c.model, c.ok) not in seen:
