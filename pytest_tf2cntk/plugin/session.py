@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from typing import TYPE_CHECKING
 
-from pytest_tf2cntk.errors import LostCheck, ParityFailure, Tf2CntkError
+from pytest_tf2cntk.errors import DeviceUnavailable, LostCheck, ParityFailure, Tf2CntkError
 from pytest_tf2cntk.options import Settings, group
 
 if TYPE_CHECKING:  # the records import numpy and onnx: not at plugin load, only once a check runs
@@ -158,7 +158,7 @@ class Tf2CntkSession:
     def _check_cntk(self, key: Path, conv: Any) -> None:
         """Load and run the graph in CNTK at the batch under test; CNTK's refusal fails the
         conversion (its row, every item of the model) rather than each parity search."""
-        from pytest_tf2cntk.errors import CNTKLoadError, DeviceUnavailable
+        from pytest_tf2cntk.errors import CNTKLoadError
         from pytest_tf2cntk.history.records import ConversionRecord
         from pytest_tf2cntk.parity.runners import check_cntk_runs
 
@@ -232,6 +232,8 @@ class Tf2CntkSession:
             progress = self._example_progress(config, f"{self.rel(conv.source)} [{device}]")
         try:
             result = run_check(conv, device, self.parity_options(budgets, inputs, **overrides), progress)
+        except DeviceUnavailable:
+            raise  # no error: the caller records the skip with its reason
         except Exception as exc:  # a worker crash, a timeout, bad config: a row, never lost
             self.record_error(Path(conv.source), device, exc)
             raise
