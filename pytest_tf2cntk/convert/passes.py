@@ -163,6 +163,18 @@ PASSES: list[tuple[str, Callable[[onnx.ModelProto], int]]] = [
 def run_passes(model: onnx.ModelProto, prove: bool = True, seed: int = 0,
                examples: int = 2) -> tuple[onnx.ModelProto, list[PassRecord]]:
     """Apply every pass in order; return the rewritten model and what each pass did."""
+    return apply_proved(model, PASSES, "Graph pass", prove, seed, examples)
+
+
+RewriteFn = Callable[[onnx.ModelProto], int]
+
+
+def apply_proved(model: onnx.ModelProto, steps: list[tuple[str, RewriteFn]], what: str = "Graph pass",
+                 prove: bool = True, seed: int = 0,
+                 examples: int = 2) -> tuple[onnx.ModelProto, list[PassRecord]]:
+    """Apply each rewrite to a copy; keep it only if ONNX Runtime gives the same outputs before
+    and after on random inputs inside each input's domain (else PassMismatch, model unchanged).
+    A rewrite that changes nothing leaves the model untouched, byte for byte."""
     from pytest_tf2cntk.convert import onnxrt
 
     rng = np.random.default_rng(seed)
@@ -176,37 +188,45 @@ def run_passes(model: onnx.ModelProto, prove: bool = True, seed: int = 0,
                               f"used as the reference: {str(exc).strip().splitlines()[0][:400]}",
                               hint="report it to tf2onnx with the model; try another opset or batch") from None
     records = []
-    for name, fn in PASSES:
+    for name, fn in steps:
         candidate = onnx.ModelProto()
         candidate.CopyFrom(model)
         changed = fn(candidate)
         if not changed:
             continue
-        proof = "not proved (run_passes(prove=False))"
+        proof = "not proved (prove=False)"
         if prove:
-            worst = 0.0
-            for f, before in zip(feeds, reference):
-                try:
-                    after = onnxrt.run(candidate, f)
-                except Exception as exc:
-                    raise PassMismatch(f"Graph pass '{name}' produced a graph ONNX Runtime cannot run "
-                                       f"({str(exc).strip().splitlines()[0][:300]}). This is a bug in "
-                                       "pytest-tf2cntk's pass; the pass was not applied.") from None
-                for out, ref in before.items():
-                    got = after[out]
-                    if got.shape != ref.shape or not np.allclose(got, ref, rtol=1e-6, atol=1e-7,
-                                                                  equal_nan=True):
-                        diff = (float(np.nanmax(np.abs(got.astype(np.float64) - ref)))
-                                if got.shape == ref.shape else float("inf"))
-                        raise PassMismatch(
-                            f"Graph pass '{name}' changed output '{out}' (max |diff| {diff:.3g}, "
-                            f"shapes {ref.shape} -> {got.shape}). This is a bug in pytest-tf2cntk's "
-                            "pass, not in your model; the pass was not applied.",
-                            hint="report it with the model; meanwhile the API's convert(path, apply_passes=False) "
-                                 "converts without the CNTK rewrites (CNTK may then refuse the graph)")
-                    if got.size:
-                        worst = max(worst, float(np.nanmax(np.abs(got.astype(np.float64) - ref))))
+            worst = _worst_difference(name, what, candidate, feeds, reference)
             proof = f"ORT max |diff| {worst:.3g} on {len(feeds)} inputs"
         model = candidate
         records.append(PassRecord(name, changed, proof))
     return model, records
+
+
+def _worst_difference(name: str, what: str, candidate: onnx.ModelProto, feeds: list[dict],
+                      reference: list[dict]) -> float:
+    """The largest |after - before| over every output and feed; PassMismatch when they differ."""
+    from pytest_tf2cntk.convert import onnxrt
+
+    worst = 0.0
+    for f, before in zip(feeds, reference):
+        try:
+            after = onnxrt.run(candidate, f)
+        except Exception as exc:
+            raise PassMismatch(f"{what} '{name}' produced a graph ONNX Runtime cannot run "
+                               f"({str(exc).strip().splitlines()[0][:300]}). This is a bug in "
+                               f"pytest-tf2cntk's {what.lower()}; it was not applied.") from None
+        for out, ref in before.items():
+            got = after[out]
+            if got.shape != ref.shape or not np.allclose(got, ref, rtol=1e-6, atol=1e-7, equal_nan=True):
+                diff = (float(np.nanmax(np.abs(got.astype(np.float64) - ref)))
+                        if got.shape == ref.shape else float("inf"))
+                raise PassMismatch(
+                    f"{what} '{name}' changed output '{out}' (max |diff| {diff:.3g}, shapes {ref.shape} -> "
+                    f"{got.shape}). This is a bug in pytest-tf2cntk's {what.lower()}, not in your model; "
+                    "it was not applied.",
+                    hint="report it with the model; meanwhile the API's convert(path, apply_passes=False) "
+                         "converts without the CNTK rewrites (CNTK may then refuse the graph)")
+            if got.size:
+                worst = max(worst, float(np.nanmax(np.abs(got.astype(np.float64) - ref))))
+    return worst

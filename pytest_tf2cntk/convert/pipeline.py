@@ -150,8 +150,8 @@ def pipeline_fingerprint() -> str:
 
     here = Path(__file__).parent
     h = hashlib.sha256()
-    for path in sorted(here.glob("*.py")):
-        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in sorted(here.rglob("*.py")):  # repairs/ and twin/ too
+        h.update(str(path.relative_to(here)).encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]
 
 

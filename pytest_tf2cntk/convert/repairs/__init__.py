@@ -1,0 +1,38 @@
+"""CNTK repairs: rewrites of graphs CNTK 2.7 imports but computes wrongly (or refuses), into graphs
+it computes correctly.
+
+A compatibility pass (``convert.passes``) reshapes what tf2onnx emits into what CNTK reads; a
+repair works around a stated CNTK defect. Each ``Repair`` names the defect, the rewrite and
+touches only nodes that have the defect, so a graph that needs none is left byte for byte as it
+was. ``run_repairs`` proves each applied repair in ONNX Runtime (outputs equal before and after,
+as the passes are proved); the parity check then confirms it in CNTK. ``--tf2cntk-repairs=off``
+converts without them, so the raw defect can still be shown and localized.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import onnx
+
+from pytest_tf2cntk.convert.passes import PassRecord, apply_proved
+
+RepairFn = Callable[[onnx.ModelProto], int]  # rewrites in place; returns how many nodes it repaired
+
+
+@dataclass(frozen=True)
+class Repair:
+    name: str
+    defect: str  # the CNTK 2.7 defect, precisely: which nodes have it and what CNTK does wrong
+    rewrite: str  # what the repair puts in their place
+    apply: RepairFn
+
+
+# Filled by the repair modules, in the order they run (each sees the previous one's result).
+REPAIRS: list[Repair] = []
+
+
+def run_repairs(model: onnx.ModelProto, prove: bool = True, seed: int = 0,
+                examples: int = 2) -> tuple[onnx.ModelProto, list[PassRecord]]:
+    """Apply every repair whose defect the graph has; each one applied is proved in ONNX Runtime."""
+    return apply_proved(model, [(r.name, r.apply) for r in REPAIRS], "CNTK repair", prove, seed, examples)
