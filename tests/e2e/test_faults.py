@@ -76,6 +76,26 @@ def test_a_crashed_or_hung_worker_is_an_error_row_and_the_next_model_passes(
     assert (model, device, outcome) == ("dual.keras", "cpu", "error") and words.lower() in reason.lower()
 
 
+@pytest.mark.parametrize("mode, error_type, words", [
+    ("kill", "WorkerCrashed", "SIGKILL"),
+    ("hang", "WorkerTimeout", "timeout"),
+])
+def test_under_xdist_a_crashed_or_hung_worker_is_an_error_row_and_the_other_model_passes(
+        project: pytest.Pytester, mode: str, error_type: str, words: str) -> None:
+    """Two xdist workers, each with its own CNTK worker: the broken one's check is an error row
+    that reaches the controller's summary, JSON and history; the other model's verdict stands."""
+    result = run(project, mode, "--tf2cntk-timeout=20", "-n", "2")
+    assert result.ret == 1
+    result.stdout.fnmatch_lines([f"*dual.keras*cpu*ERROR ({error_type})*"])
+    assert_one_paragraph(result)
+    report, by_model = outcomes(project)
+    assert report["outcomes"] == {"passed": 1, "failed": 0, "error": 1, "skipped": 0}
+    assert by_model["dual.keras"]["error_type"] == error_type
+    assert words.lower() in by_model["dual.keras"]["error"].lower()
+    assert by_model["mlp.keras"]["outcome"] == "passed"
+    assert [r[:3] for r in unchecked(project)] == [("dual.keras", "cpu", "error")]
+
+
 def test_an_xdist_worker_killed_mid_check_loses_nothing_it_finished(project: pytest.Pytester) -> None:
     """The CNTK worker kills the xdist worker that started it while the two-input model is checked: mlp's
     verdict (sent with its report) survives, it becomes an error row."""
@@ -89,16 +109,19 @@ def test_an_xdist_worker_killed_mid_check_loses_nothing_it_finished(project: pyt
     assert [r[:3] for r in unchecked(project)] == [("dual.keras", "cpu", "error")]
 
 
-def test_check_command_reports_a_crashed_worker_in_one_paragraph(project: pytest.Pytester) -> None:
+@pytest.mark.parametrize("mode, words", [("kill", "SIGKILL"), ("hang", "timeout")])
+def test_check_command_reports_a_crashed_or_hung_worker_in_one_paragraph(
+        project: pytest.Pytester, mode: str, words: str) -> None:
     import subprocess
     import sys
 
-    worker = faulty_worker(project.path, "kill")
+    worker = faulty_worker(project.path, mode)
     cli = str(Path(sys.executable).parent / "tf2cntk")
-    done = subprocess.run([cli, "check", "dual.keras", "--devices", "cpu",
+    done = subprocess.run([cli, "check", "dual.keras", "--devices", "cpu", "--timeout", "20",
                            "--max-examples", "5", "--cntk-python", worker.name],  # relative: the user's file
                           cwd=project.path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 4, done.stderr
-    assert "tf2cntk check: error: The CNTK worker" in done.stderr and "SIGKILL" in done.stderr
+    assert "tf2cntk check: error: The CNTK worker" in done.stderr, done.stderr
+    assert words.lower() in done.stderr.lower(), done.stderr
     for bad in NO_TRACEBACK:
         assert bad not in done.stdout + done.stderr
