@@ -273,7 +273,7 @@ def register(parser: Any) -> None:
                              help=f"{o.help} (ini: {o.ini})")
         else:
             group_.addoption(o.flag, dest=dest, default=None, metavar=o.metavar,
-                             help=f"{o.help} (default: {o.shown_default}; ini: {o.ini})")
+                             help=f"{o.help} ({'' if _says_default(o) else f'default: {o.shown_default}; '}ini: {o.ini})")
         parser.addini(o.ini, help=o.help, type={"bool": "bool", "list": "linelist"}.get(o.kind, "string"),
                       default=None if o.kind != "list" else [])
 
@@ -416,7 +416,12 @@ def add_arguments(parser: argparse.ArgumentParser, *picks: str, skip: tuple[str,
                                 type=_itemtype(o), help=o.help)
         else:
             parser.add_argument(o.cli_flag, dest=o.name, default=None, metavar=o.metavar, type=_argtype(o),
-                                help=f"{o.help} (default: {o.shown_default})")
+                                help=o.help if _says_default(o) else f"{o.help} (default: {o.shown_default})")
+
+
+def _says_default(o: Option) -> bool:
+    """The help names the default itself: appending "(default: None)" would contradict it."""
+    return "default" in o.help
 
 
 def _argtype(o: Option) -> Callable[[str], Any]:
