@@ -24,6 +24,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     fmt = {"markdown": "md", "htm": "html"}.get(fmt, fmt)
     if fmt not in ("md", "html", "csv"):
         raise HistoryError(f"unknown report format {fmt!r}", "use --format md, html or csv")
+    if args.model:
+        _check_model_filter(path, args.model)
     rep = build_report(path, since=args.since, model=args.model, baseline=values["baseline"],
                        factor=values["factor"], window=values["window"])
     text = {"md": render_markdown, "html": render_html}[fmt](rep) if fmt != "csv" else render_csv(rep, args.all)
@@ -38,11 +40,29 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_model_filter(path: Path, text: str) -> None:
+    """--model that matches no recorded model is a typo, not an empty report."""
+    import difflib
+
+    from pytest_tf2cntk.errors import HistoryError
+    from pytest_tf2cntk.history.store import recorded_models
+
+    models = recorded_models(path)
+    if any(text.lower() in m.lower() for m in models):
+        return
+    close = difflib.get_close_matches(text, models, n=1, cutoff=0.4)
+    known = ", ".join(models[:10]) + (f" and {len(models) - 10} more" if len(models) > 10 else "")
+    raise HistoryError(f"--model {text!r} matches no model in {path}"
+                       + (f"; did you mean {close[0]!r}?" if close else ".")
+                       + (f" The history has: {known}." if models else " The history has no models yet."),
+                       "pass a part of one of these paths, or leave --model out for every model")
+
+
 def cmd_tag(args: argparse.Namespace) -> int:
     from pytest_tf2cntk.history.store import tag_run
 
     path, _ = _history(args)
-    old = tag_run(path, args.run_id, args.name)
+    old = tag_run(path, args.run_id, args.name, force=args.force)
     moved = f" (moved from run {old})" if old is not None and old != args.run_id else ""
     print(f"tagged run {args.run_id} as '{args.name.strip()}'{moved} in {path}")
     return 0
@@ -79,7 +99,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("tag", help="name a recorded run (e.g. a release) to use it as a drift baseline")
     p.add_argument("run_id", type=int, metavar="RUN_ID")
-    p.add_argument("name", metavar="NAME", help="tag name; an existing tag moves to this run")
+    p.add_argument("name", metavar="NAME", help="tag name (an existing tag moves only with --force)")
+    p.add_argument("--force", action="store_true", help="move the tag if it already names another run")
     add_arguments(p, "history")
     p.set_defaults(func=cmd_tag)
 

@@ -474,14 +474,19 @@ def _check_tag_name(name: str) -> str:
     return name
 
 
-def tag_run(path: str | Path, run_id: int, name: str) -> int | None:
-    """Point tag ``name`` at ``run_id`` (tags are unique: re-tagging moves it); the run it left."""
+def tag_run(path: str | Path, run_id: int, name: str, force: bool = False) -> int | None:
+    """Point tag ``name`` at ``run_id``; the run it left. Tags are unique: one that names another
+    run moves only with ``force`` (a baseline must not move by a slip)."""
     name = _check_tag_name(name)
 
     def do(con: sqlite3.Connection) -> int | None:
         if con.execute("SELECT 1 FROM runs WHERE run_id = ?", (int(run_id),)).fetchone() is None:
             raise HistoryError(f"no run {run_id} in {path}", "`tf2cntk runs` lists the recorded runs")
         old = con.execute("SELECT run_id FROM tags WHERE name = ?", (name,)).fetchone()
+        if old is not None and int(old[0]) != int(run_id) and not force:
+            raise HistoryError(f"tag {name!r} already names run {old[0]} in {path}; it was left there",
+                               f"`tf2cntk tag {run_id} {name} --force` moves it to run {run_id}, or pick "
+                               "another name")
         con.execute("INSERT INTO tags (name, run_id, tagged) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE "
                     "SET run_id = excluded.run_id, tagged = excluded.tagged", (name, int(run_id), _now_iso()))
         return None if old is None else int(old[0])
@@ -489,6 +494,13 @@ def tag_run(path: str | Path, run_id: int, name: str) -> int | None:
     if not Path(path).exists():
         raise HistoryError(f"no history at {path}", "run pytest with pytest-tf2cntk first, or pass --history")
     return write(path, do)
+
+
+def recorded_models(path: str | Path) -> list[str]:
+    """Every model the history has a row for, sorted."""
+    with reading(path) as con:
+        return [m for (m,) in con.execute("SELECT DISTINCT model FROM results UNION "
+                                          "SELECT DISTINCT model FROM unchecked ORDER BY 1")]
 
 
 def tags(path: str | Path) -> dict[str, int]:

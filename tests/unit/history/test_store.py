@@ -290,12 +290,16 @@ def test_a_version_1_file_is_migrated_in_place(tmp_path: Path) -> None:
 
 # -- tags, baselines, CLI -------------------------------------------------------------------------
 
-def test_tags_are_unique_and_retagging_moves_them(tmp_path: Path) -> None:
+def test_tags_are_unique_and_move_only_with_force(tmp_path: Path) -> None:
     path = tmp_path / "h.sqlite"
     for i in range(3):
         H.record_run(path, make_run(i), [make_result()])
     assert H.tag_run(path, 1, "release") is None
-    assert H.tag_run(path, 3, "release") == 1
+    assert H.tag_run(path, 1, "release") == 1  # the same run again: nothing moves
+    with pytest.raises(HistoryError, match="already names run 1") as exc:
+        H.tag_run(path, 3, "release")
+    assert "--force" in exc.value.hint and H.tags(path) == {"release": 1}
+    assert H.tag_run(path, 3, "release", force=True) == 1
     assert H.tags(path) == {"release": 3}
     for bad in ("", "42", "latest"):
         with pytest.raises(HistoryError, match="bad tag name"):
@@ -304,6 +308,7 @@ def test_tags_are_unique_and_retagging_moves_them(tmp_path: Path) -> None:
         H.tag_run(path, 9, "x")
     assert [r["run_id"] for r in H.list_runs(path)] == [3, 2, 1]
     assert H.list_runs(path)[0]["tags"] == "release"
+    assert H.recorded_models(path) == sorted({make_result().model})
 
 
 def test_resolve_baseline_latest_id_and_tag(tmp_path: Path) -> None:
@@ -327,13 +332,23 @@ def test_cli_tag_and_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsy
     for i in range(2):
         H.record_run(path, make_run(i), [make_result()])
     assert cli.main(["tag", "1", "v1.0", "--history", str(path)]) == 0
-    assert cli.main(["tag", "2", "v1.0", "--history", str(path)]) == 0
+    capsys.readouterr()
+    assert cli.main(["tag", "2", "v1.0", "--history", str(path)]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "tag 'v1.0' already names run 1" in err and "tf2cntk tag 2 v1.0 --force" in err
+    assert cli.main(["tag", "2", "v1.0", "--force", "--history", str(path)]) == 0
     assert "moved from run 1" in capsys.readouterr().out
     assert cli.main(["runs", "--history", str(path)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:2] == ["run", "time"] and out[1].split()[0] == "2" and out[1].endswith("v1.0")
     assert cli.main(["tag", "5", "x", "--history", str(path)]) == cli.EXIT_USAGE
     assert "no run 5" in capsys.readouterr().err
+    model = make_result().model
+    assert cli.main(["report", "--model", model[1:-1], "--history", str(path)]) == 0
+    assert model in capsys.readouterr().out
+    assert cli.main(["report", "--model", model[:-1] + "zz", "--history", str(path)]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "matches no model" in err and f"did you mean {model!r}" in err and "Traceback" not in err
     monkeypatch.chdir(tmp_path)  # default path: .tf2cntk/history.sqlite under the project root
     (tmp_path / "pyproject.toml").write_text("")
     assert cli.main(["runs"]) == cli.EXIT_USAGE
