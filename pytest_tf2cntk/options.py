@@ -376,18 +376,43 @@ def parse_input_ranges(table: Mapping[str, Any] | None, source: str) -> dict[str
     return out
 
 
-def parse_budget_table(table: Mapping[str, Any] | None) -> dict[str, Any]:
+def parse_budget_table(table: Mapping[str, Any] | None, source: str = "[tool.tf2cntk.budgets]") -> dict[str, Any]:
     """``[tool.tf2cntk.budgets]``: positive numbers per op type (and headroom, scale,
-    noise_factor, floor_ulps, run_factor), a sub-table ``outputs`` of positive numbers per output."""
+    noise_factor, floor_ulps, run_factor), a sub-table ``outputs`` of positive numbers per output,
+    and ``models``: per model path (relative to the rootdir), a budget table of its own that
+    applies to that model only (``budgets_for``)."""
     out: dict[str, Any] = {}
     for key, value in (table or {}).items():
-        if key == "outputs":
+        if key == "models" and source == "[tool.tf2cntk.budgets]":
+            if not isinstance(value, Mapping) or not all(isinstance(v, Mapping) for v in value.values()):
+                raise ValueError('[tool.tf2cntk.budgets.models] must hold one table per model path, e.g. '
+                                 '[tool.tf2cntk.budgets.models."models/net.keras".outputs]')
+            out[key] = {model_key(k): parse_budget_table(v, f'[tool.tf2cntk.budgets.models."{k}"]')
+                        for k, v in value.items()}
+        elif key == "outputs":
             if not isinstance(value, Mapping):
-                raise ValueError("[tool.tf2cntk.budgets.outputs] must be a table of output = budget")
-            out[key] = {str(k): _positive(f"[tool.tf2cntk.budgets.outputs] {k}", v) for k, v in value.items()}
+                raise ValueError(f"{source[:-1]}.outputs] must be a table of output = budget")
+            out[key] = {str(k): _positive(f"{source[:-1]}.outputs] {k}", v) for k, v in value.items()}
         else:
-            out[str(key)] = _positive(f"[tool.tf2cntk.budgets] {key}", value)
+            out[str(key)] = _positive(f"{source} {key}", value)
     return out
+
+
+def model_key(path: str | os.PathLike) -> str:
+    """How [tool.tf2cntk.budgets.models] names a model: its path relative to the rootdir, with /."""
+    return Path(os.path.normpath(str(path))).as_posix()
+
+
+def budgets_for(table: Mapping[str, Any] | None, model: str | os.PathLike) -> dict[str, Any]:
+    """The budget table one model is judged by: the project's, with that model's own entries of
+    ``models`` over it (its ``outputs`` merged into the project's)."""
+    merged = {k: v for k, v in (table or {}).items() if k != "models"}
+    own = dict(((table or {}).get("models") or {}).get(model_key(model), {}))
+    outputs = {**merged.get("outputs", {}), **own.pop("outputs", {})}
+    merged.update(own)
+    if outputs:
+        merged["outputs"] = outputs
+    return merged
 
 
 def _positive(source: str, value: Any) -> float:

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pytest_tf2cntk.options import (CALIBRATE, CNTK, CONVERSION, PARITY, add_arguments, find_rootdir, from_args,
-                                    given, parse_devices, project_tables, read_pyproject, tool_table)
+from pytest_tf2cntk.options import (CALIBRATE, CNTK, CONVERSION, PARITY, add_arguments, budgets_for, find_rootdir,
+                                    from_args, given, parse_devices, project_tables, read_pyproject, tool_table)
 
 
 def _say(msg: str) -> None:
@@ -34,6 +34,15 @@ def _conversion(args: argparse.Namespace, tool: dict[str, Any], base: Any = None
     if base is None:
         return ConversionOptions(**from_args(args, CONVERSION, tool=tool))
     return dataclasses.replace(base, **given(args, CONVERSION))
+
+
+def _project_relative(model: str) -> str:
+    """The model's path from the project root, as pytest names it (and budgets_for looks it up)."""
+    path = Path(model).resolve()
+    try:
+        return str(path.relative_to(find_rootdir().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _convert(model: str, options: Any) -> Any:
@@ -72,7 +81,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     values = from_args(args, PARITY, CNTK, tool=tool)
     devices = parse_devices(values.pop("devices"), "--devices")
     values.pop("timeout")
-    options = ParityOptions.build(**values, **project_tables(tool), cntk_onnx=args.cntk_onnx)
+    tables = project_tables(tool)
+    tables["budgets"] = budgets_for(tables["budgets"], _project_relative(args.model))
+    options = ParityOptions.build(**values, **tables, cntk_onnx=args.cntk_onnx)
     ran, failed = 0, 0
     for device in devices:
         try:
@@ -151,7 +162,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     tool = _project()
     tables = project_tables(tool)
     values = from_args(args, CNTK, CALIBRATE, "edge_values", tool=tool)
-    cal = calibrate(args.model, device=args.device, conversion=_conversion(args, tool), seeds=values["seeds"],
+    cal = calibrate(args.model, key=_project_relative(args.model), device=args.device, conversion=_conversion(args, tool), seeds=values["seeds"],
                     examples=values["examples"], margin=values["margin"], cntk_python=values["cntk_python"],
                     budgets=tables["budgets"], inputs=tables["inputs"], edge_values=values["edge_values"],
                     progress=lambda m: _say(f"calibrate: {m}"))

@@ -31,7 +31,7 @@ from pytest_tf2cntk.codec import Jsonable
 from pytest_tf2cntk.convert.options import ConversionOptions
 from pytest_tf2cntk.convert.pipeline import convert
 from pytest_tf2cntk.errors import Tf2CntkError
-from pytest_tf2cntk.options import default
+from pytest_tf2cntk.options import budgets_for, default, model_key
 from pytest_tf2cntk.parity.budgets import BudgetConfig, output_budgets
 from pytest_tf2cntk.parity.engine import ParityEngine
 from pytest_tf2cntk.parity.inputs import inputs_strategy, materialize
@@ -122,6 +122,7 @@ class Calibration(Jsonable):
     margin: float
     outputs: dict[str, OutputCalibration] = field(default_factory=dict)
     seconds: float = 0.0
+    key: str = ""  # the model as [tool.tf2cntk.budgets.models] names it (its path from the rootdir)
 
     @property
     def evaluations(self) -> int:
@@ -157,9 +158,9 @@ class Calibration(Jsonable):
             elif o.max > o.configured_budget:
                 lines.append(f"# {o.output}: max observed {o.max:.3g} is over today's budget "
                              f"{o.configured_budget:.3g}: this output fails now")
-        lines += ["#", "# Paste into pyproject.toml (merge keys if the table exists). Output budgets apply to every",
-                  "# model with an output of that name; per test: @pytest.mark.tf2cntk(budgets={'outputs': {...}})",
-                  "[tool.tf2cntk.budgets.outputs]"]
+        lines += ["#", "# Paste into pyproject.toml (merge keys if the table exists). These budgets apply to this",
+                  "# model only; per test: @pytest.mark.tf2cntk(budgets={'outputs': {...}})",
+                  f"[tool.tf2cntk.budgets.models.{json.dumps(model_key(self.key or self.model))}.outputs]"]
         lines += [f"{json.dumps(name)} = {value:.2g}" for name, value in self.overrides.items()]
         return "\n".join(lines) + "\n"
 
@@ -177,11 +178,12 @@ def calibrate(model: str | os.PathLike, *, device: str = "cpu", conversion: Conv
               seeds: int = DEFAULT_SEEDS, examples: int = DEFAULT_EXAMPLES, margin: float = DEFAULT_MARGIN,
               cntk_python: str | None = None, budgets: dict[str, Any] | None = None,
               inputs: dict[str, tuple[float, float]] | None = None, edge_values: bool = False,
-              progress: Callable[[str], None] | None = None) -> Calibration:
+              progress: Callable[[str], None] | None = None, key: str | None = None) -> Calibration:
     """Evaluate ``seeds`` x ``examples`` Hypothesis inputs and collect each output's errors.
 
     ``budgets``/``inputs``: the project's ``[tool.tf2cntk.budgets]`` / ``[tool.tf2cntk.inputs]``,
-    so the inputs match the tests' and the "configured" column shows today's budget.
+    so the inputs match the tests' and the "configured" column shows today's budget (the model's
+    own, ``key`` naming it as [tool.tf2cntk.budgets.models] does: its path from the rootdir).
     """
     if seeds < 1 or examples < 1 or margin <= 0:
         raise Tf2CntkError(f"calibrate needs seeds >= 1, examples >= 1 and margin > 0 (got {seeds}, {examples}, "
@@ -190,12 +192,13 @@ def calibrate(model: str | os.PathLike, *, device: str = "cpu", conversion: Conv
     c = conversion or ConversionOptions()
     conv = convert(model, batch=c.batch, opset=c.opset, signature=c.signature, unsafe_load=c.unsafe_load,
                    cache_dir=c.cache_dir, input_shapes=c.input_shapes)
-    configured = BudgetConfig.from_mapping(budgets)
+    key = model_key(key or model)
+    configured = BudgetConfig.from_mapping(budgets_for(budgets, key))
     engine = ParityEngine(conv, device, ParityOptions(budgets=configured, inputs=dict(inputs or {}),
                                                       cntk_python=cntk_python, edge_values=edge_values))
     dtypes = {o.name: np.dtype(o.dtype) for o in conv.outputs}
     defaults = output_budgets(conv.onnx_model, BudgetConfig(), dtypes)
-    cal = Calibration(str(model), engine.device, c.batch, seeds, examples, margin)
+    cal = Calibration(str(model), engine.device, c.batch, seeds, examples, margin, key=key)
     for name, b in engine.budgets.items():
         cal.outputs[name] = OutputCalibration(name, [], [], defaults[name].value, b.value, b.unit_roundoff, margin)
     try:

@@ -196,16 +196,19 @@ class Tf2CntkSession:
         return self._loaded[key]
 
     # -- parity ---------------------------------------------------------------------------
-    def parity_options(self, budgets: dict | None = None, inputs: dict | None = None, **overrides: Any) -> Any:
-        """The check this session asks for: its settings, a test's budgets and ranges, overrides."""
-        from pytest_tf2cntk.options import parse_budget_table
+    def parity_options(self, budgets: dict | None = None, inputs: dict | None = None, model: str = "",
+                       **overrides: Any) -> Any:
+        """The check this session asks for: its settings (the budgets of ``model``, a path relative
+        to the rootdir), a test's budgets and ranges, overrides."""
+        from pytest_tf2cntk.options import budgets_for, parse_budget_table
         from pytest_tf2cntk.parity.options import ParityOptions
 
         s = self.settings
         values: dict[str, Any] = dict(
             max_examples=s.max_examples, seed=s.seed, derandomize=bool(os.environ.get("CI")) and s.seed is None,
             reference=s.reference,
-            budgets={**s.budgets, **parse_budget_table(budgets)}, budget_scale=s.budget_scale,
+            budgets={**budgets_for(s.budgets, model), **parse_budget_table(budgets)},
+            budget_scale=s.budget_scale,
             inputs={**s.inputs, **(inputs or {})}, edge_values=s.edge_values, cntk_python=s.cntk_python,
             reproducer_dir=self.rootdir / ".tf2cntk" / "reproducers",
             layerwise="always" if s.layerwise else "on-failure", database=self._database())
@@ -231,7 +234,8 @@ class Tf2CntkSession:
         if config is not None and progress is None:
             progress = self._example_progress(config, f"{self.rel(conv.source)} [{device}]")
         try:
-            result = run_check(conv, device, self.parity_options(budgets, inputs, **overrides), progress)
+            options = self.parity_options(budgets, inputs, model=self.rel(Path(conv.source)), **overrides)
+            result = run_check(conv, device, options, progress)
         except DeviceUnavailable:
             raise  # no error: the caller records the skip with its reason
         except Exception as exc:  # a worker crash, a timeout, bad config: a row, never lost

@@ -101,3 +101,17 @@ def test_input_shape_on_the_command_line_repeats_and_is_checked(capsys: pytest.C
     with pytest.raises(SystemExit):
         parser.parse_args(["--input-shape", "image=64x64x3"])
     assert "argument --input-shape: 'image=64x64x3' is not NAME:SHAPE" in capsys.readouterr().err
+
+
+def test_budgets_for_puts_a_models_own_table_over_the_projects() -> None:
+    from pytest_tf2cntk.options import budgets_for, parse_budget_table
+
+    table = parse_budget_table({"Conv": 4, "outputs": {"probs": 1e-3, "aux": 2e-3},
+                                "models": {"./nets/a.keras": {"MatMul": 6, "outputs": {"probs": 1e-5}}}})
+    assert budgets_for(table, "nets/a.keras") == {"Conv": 4.0, "MatMul": 6.0,
+                                                  "outputs": {"probs": 1e-5, "aux": 2e-3}}
+    assert budgets_for(table, "nets/b.keras") == {"Conv": 4.0, "outputs": {"probs": 1e-3, "aux": 2e-3}}
+    with pytest.raises(ValueError, match=r'budgets.models."nets/a.keras".outputs\] probs'):
+        parse_budget_table({"models": {"nets/a.keras": {"outputs": {"probs": "tight"}}}})
+    with pytest.raises(ValueError, match="one table per model path"):
+        parse_budget_table({"models": {"nets/a.keras": 3}})
