@@ -185,8 +185,9 @@ class DriftJudge:
     def _none(self, label: str) -> DriftVerdict:
         if self.baseline_run is None:
             return DriftVerdict(None, None, None, False, f"{label}: no earlier run in the history")
+        # no baseline_run: that run has nothing of this output, so a table must not show it as one
         return DriftVerdict(None, None, None, False, f"{label}: not measured in baseline "
-                            f"{'runs' if self.per_output else f'run {self.baseline_run}'}", self.baseline_run)
+                            f"{'runs' if self.per_output else f'run {self.baseline_run}'}")
 
     def judge(self, model: str, device: str, output: str, scaled_error: float, *,
               budget: float | None = None, unit_roundoff: float | None = None) -> DriftVerdict:

@@ -172,6 +172,12 @@ def _plot_keys(rep: HistoryReport) -> list[tuple[str, str, str]]:
 
 def plot_error_history(rep: HistoryReport) -> str | None:
     """Small multiples: scaled error per run (log y) with the budget line and the baseline run."""
+    fig = error_history_figure(rep)
+    return None if fig is None else _png(fig)
+
+
+def error_history_figure(rep: HistoryReport) -> Any:
+    """The figure of ``plot_error_history`` (None without outputs)."""
     import pandas as pd
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -196,7 +202,10 @@ def plot_error_history(rep: HistoryReport) -> str | None:
         bad = ~g["passed"]
         if bad.any():
             ax.plot(g["run_id"][bad], [e for e, b in zip(err, bad) if b], "x", color="red", ms=7, label="failed")
-        ax.step(g["run_id"], g["budget"], where="post", ls="--", color="tab:red", lw=1, label="budget")
+        if len(g) > 1:
+            ax.step(g["run_id"], g["budget"], where="post", ls="--", color="tab:red", lw=1, label="budget")
+        elif g["budget"].notna().any():  # one run: a step of one point draws nothing
+            ax.axhline(float(g["budget"].iloc[0]), ls="--", color="tab:red", lw=1, label="budget")
         row = current.loc[key]
         if pd.notna(row["baseline_run"]):
             ax.axvline(int(row["baseline_run"]), color="gray", ls=":", lw=1, label="baseline run")
@@ -217,7 +226,7 @@ def plot_error_history(rep: HistoryReport) -> str | None:
     fig.tight_layout(rect=(0, 0.06 if nrows == 1 else 0.035, 1, 1))
     fig.legend(list(handles.values()), list(handles.keys()), loc="lower center", ncol=len(handles), fontsize=8,
                frameon=False)
-    return _png(fig)
+    return fig
 
 
 def plot_op_headroom(rep: HistoryReport) -> str | None:

@@ -66,7 +66,9 @@ def test_drift_judge_against_latest_and_a_tagged_baseline(tmp_path: Path) -> Non
     tagged = DriftJudge(path, "release", factor=2.0)
     v = tagged.judge("m.keras", "cpu", "stable", 1.5e-6)  # run 3 measured 7e-7; window = runs 1-3
     assert v.baseline_run == 3 and v.samples == 3 and v.ratio == pytest.approx(1.5 / 0.7)
-    assert "not measured in baseline run 3" in tagged.judge("m.keras", "cpu", "late", 1e-6).message
+    unmeasured = tagged.judge("m.keras", "cpu", "late", 1e-6)
+    assert "not measured in baseline run 3" in unmeasured.message
+    assert unmeasured.baseline_run is None  # a table must not show run 3 as this output's baseline
     verdicts = judge.judge_result("m.keras", make_result("m.keras", "cpu", {"stable": 9e-6, "late": 1.1e-6}).result)
     assert verdicts["stable"].significant and not verdicts["late"].significant
     with pytest.raises(ValueError):

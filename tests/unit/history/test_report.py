@@ -64,6 +64,14 @@ def test_report_html_embeds_png_plots(history_file: Path) -> None:
     assert "<tr class='drift'>" in page and "baseline `release`" not in page and "<code>release</code>" in page
 
 
+def test_an_output_with_one_run_has_its_budget_line_and_no_foreign_baseline(history_file: Path) -> None:
+    rep = R.build_report(history_file, baseline="release", model="other.keras")
+    assert rep.current["baseline_run"].isna().all()  # run "release" never measured other.keras
+    (ax,) = [a for a in R.error_history_figure(rep).axes if a.get_title()]
+    (budget,) = [line for line in ax.get_lines() if line.get_label() == "budget"]
+    assert len(budget.get_xdata()) == 2  # a line across the plot, not a step of one point (invisible)
+
+
 def test_report_csv_current_and_all_rows(history_file: Path) -> None:
     import pandas as pd
 
