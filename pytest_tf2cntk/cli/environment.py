@@ -98,7 +98,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from pytest_tf2cntk.cntk import env
     from pytest_tf2cntk.errors import Tf2CntkError
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from pytest_tf2cntk.tf_import import tensorflow
+
+    tensorflow()  # quietly: its start-up lines are not the doctor's findings
     rows = host_rows()
     problems = [f"{r[1]} cannot be imported on the host ({r[3]}): pip install {r[1]}"
                 for r in rows if r[2] == "MISSING"]

@@ -154,15 +154,12 @@ def cmd_localize(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    import os
-
     from pytest_tf2cntk.parity.calibrate import calibrate
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter is not the output
     tool = _project()
     tables = project_tables(tool)
     values = from_args(args, CNTK, CALIBRATE, "edge_values", tool=tool)
-    cal = calibrate(args.model, key=_project_relative(args.model), device=args.device, conversion=_conversion(args, tool), seeds=values["seeds"],
+    cal = calibrate(args.model, key=_project_relative(args.model), device=args.device,
+                    conversion=_conversion(args, tool), seeds=values["seeds"],
                     examples=values["examples"], margin=values["margin"], cntk_python=values["cntk_python"],
                     budgets=tables["budgets"], inputs=tables["inputs"], edge_values=values["edge_values"],
                     progress=lambda m: _say(f"calibrate: {m}"))

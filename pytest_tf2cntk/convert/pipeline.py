@@ -140,7 +140,7 @@ class Conversion:
                  "outputs   " + ", ".join(f"{o.name}" for o in self.outputs),
                  "ops       " + ", ".join(f"{k} x{v}" for k, v in self.ops.items()),
                  "passes    " + (", ".join(f"{p.name} ({p.changed})" for p in self.passes) or "none needed")]
-        lines += [f"warning   {w}" for w in self.warnings]
+        lines += [f"warning   {w.describe()}" for w in self.warnings]
         return "\n".join(lines)
 
 
@@ -161,7 +161,6 @@ def tf_to_onnx(model: TFModel, batch: int, opset: int, free_batch: bool = False)
     With ``free_batch`` the graph is converted with a free batch dimension which is then fixed
     in the ONNX graph (the passes fold the shape arithmetic that leaves behind).
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from pytest_tf2cntk.convert.tf2onnx_run import convert_traced, unconverted_error
 
     fn, specs = model.tf_function(None if free_batch else batch)

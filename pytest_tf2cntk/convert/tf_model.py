@@ -284,7 +284,9 @@ def _load_tf_model(path: Path, signature: str | None, unsafe_load: bool) -> TFMo
     kind = detect_kind(path)
     if path.name == "saved_model.pb":
         path = path.parent
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from pytest_tf2cntk.tf_import import tensorflow
+
+    tensorflow()  # quietly, before anything else imports it
     import logging
 
     # TF warns about "retracing" when many models are traced in one process: that is our design

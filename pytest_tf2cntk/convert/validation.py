@@ -75,8 +75,16 @@ class Problem(Jsonable):
     severity: str = "error"  # "error": CNTK fails or computes wrong; "warning": numbers at risk
 
     def __str__(self) -> str:
-        where = f"{self.op_type} '{self.node}'" + (f" (TF: {self.tf_op})" if self.tf_op != self.node else "")
-        return f"{self.severity}: {where}: {self.reason}; hint: {self.hint}"
+        return f"{self.severity}: {self.describe()}"
+
+    def describe(self) -> str:
+        """Where, why and the way out, without the severity (a report's "warning" column has it)."""
+        if self.node == "<model>":
+            where = "the model"
+        else:
+            where = f"{self.op_type} '{self.node}'" + (f" (TF: {self.tf_op})" if self.tf_op not in ("", self.node)
+                                                       else "")
+        return f"{where}: {self.reason}; hint: {self.hint}"
 
 
 
@@ -160,7 +168,7 @@ def check_support(model: onnx.ModelProto) -> list[Problem]:
     if opset > MAX_OPSET:
         problems.append(Problem("<model>", "opset", "", f"default-domain opset {opset} > {MAX_OPSET}: "
                                 "CNTK 2.7 bundles onnx 1.4.1", HINT_OPSET))
-    if model.ir_version > MAX_IR:
+    if model.ir_version > MAX_IR and opset <= MAX_OPSET:  # above opset 9 the IR follows the opset
         problems.append(Problem("<model>", "ir_version", "", f"IR version {model.ir_version} > "
                                 f"{MAX_IR}", "pytest-tf2cntk sets IR 4; re-convert"))
     real = set(og.graph_input_names(model))

@@ -268,7 +268,9 @@ def _fmt(v: Any, kind: str = "g") -> str:
 
     if v is None or (not isinstance(v, str) and pd.isna(v)):
         return "-"
-    if kind == "x":
+    if kind == "headroom" and math.isinf(float(v)):
+        return "exact"  # no error at all: an infinite headroom says less than this
+    if kind in ("x", "headroom"):
         return f"{float(v):.3g}x"
     if kind == "int":
         return str(int(v))
@@ -282,14 +284,14 @@ def _fmt(v: Any, kind: str = "g") -> str:
 
 
 CURRENT_COLS = [("model", "s"), ("device", "s"), ("output", "s"), ("run_id", "int"), ("scaled_error", "g"),
-                ("float32_noise", "g"), ("budget", "g"), ("headroom", "x"), ("rule", "s"), ("passed", "pass"),
+                ("float32_noise", "g"), ("budget", "g"), ("headroom", "headroom"), ("rule", "s"), ("passed", "pass"),
                 ("stage", "s")]
 DRIFT_COLS = [("model", "s"), ("device", "s"), ("output", "s"), ("baseline_run", "int"), ("baseline_error", "g"),
               ("scaled_error", "g"), ("ratio", "x"), ("noise", "x"), ("drift", "bool")]
 MOVER_COLS = [("model", "s"), ("device", "s"), ("output", "s"), ("ratio", "x"), ("noise", "x"), ("drift", "bool"),
-              ("headroom", "x"), ("changed", "s")]
+              ("headroom", "headroom"), ("changed", "s")]
 LAYER_COLS = [("model", "s"), ("device", "s"), ("op_type", "s"), ("nodes", "int"), ("worst_node", "s"),
-              ("min_headroom", "x"), ("baseline_min_headroom", "x"), ("max_ratio", "x"), ("drifted_nodes", "int")]
+              ("min_headroom", "headroom"), ("baseline_min_headroom", "headroom"), ("max_ratio", "x"), ("drifted_nodes", "int")]
 SKIP_COLS = [("model", "s"), ("device", "s"), ("outcome", "s"), ("reason", "s")]
 HEADERS = {"run_id": "run", "scaled_error": "error", "baseline_run": "baseline run", "budget": "allowed",
            "float32_noise": "float32 noise",
@@ -317,7 +319,7 @@ def _summary_lines(rep: HistoryReport) -> list[str]:
     lowest = rep.current.sort_values("headroom").head(1)
     if not lowest.empty and lowest["headroom"].notna().all():
         r = lowest.iloc[0]
-        lines.append(f"least headroom: {r['model']} [{r['device']}] {r['output']} at {r['headroom']:.3g}x")
+        lines.append(f"least headroom: {r['model']} [{r['device']}] {r['output']} at {_fmt(r['headroom'], 'headroom')}")
     return lines
 
 

@@ -50,7 +50,9 @@ class TFRunner:
 
 
 def _check_tf_gpu(device: str, allow_tf32: bool) -> None:
-    import tensorflow as tf
+    from pytest_tf2cntk.tf_import import tensorflow
+
+    tf = tensorflow()
 
     gpus = tf.config.list_physical_devices("GPU")
     index = int(device.split(":")[1])

@@ -13,7 +13,7 @@ from pytest_tf2cntk.parity.result import OutputCheck
 from pytest_tf2cntk.tables import markdown_table, text_table
 from pytest_tf2cntk.versions import host_versions
 
-HEADER = ("model", "device", "output", "error", "float32 noise", "ratio", "allowed", "rule", "examples",
+HEADER = ("model", "device", "batch", "output", "error", "float32 noise", "ratio", "allowed", "rule", "examples",
           "verdict")
 
 
@@ -24,15 +24,15 @@ def summary_rows(run: RunPayload) -> list[tuple[str, ...]]:
     for r in sorted(run.results, key=lambda r: (r.model, r.device)):
         if r.result is None:
             why = f"ERROR ({r.error_type}): {_first_line(r.error)}" if r.error else f"skipped: {r.skipped}"
-            rows.append((r.model, r.device, "-", "-", "-", "-", "-", "-", "-", why))
+            rows.append((r.model, r.device, "-", "-", "-", "-", "-", "-", "-", "-", why))
             continue
         for name, o in sorted(r.result.outputs.items()):
-            rows.append((r.model, r.device, name, f"{o.scaled_error:.3g}", *_noise(o), f"{o.allowed:.3g}", o.rule,
+            rows.append((r.model, r.device, str(r.result.conversion.batch), name, f"{o.scaled_error:.3g}", *_noise(o), f"{o.allowed:.3g}", o.rule,
                          str(r.result.examples), "PASS" if o.passed else f"FAIL ({o.stage})"))
     checked = {r.model for r in run.results}
     for c in run.conversions:
         if not c.ok and c.model not in checked:  # else its check rows already say so
-            rows.append((c.model,) + ("-",) * 8 + (f"conversion failed: {_first_line(c.error)}",))
+            rows.append((c.model,) + ("-",) * 9 + (f"conversion failed: {_first_line(c.error)}",))
     return rows
 
 

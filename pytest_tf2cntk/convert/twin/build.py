@@ -11,7 +11,6 @@ mistake: lost weights, wrong layer), and the next one is tried.
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -34,7 +33,9 @@ def build_twin(conversion: Any, routes: tuple[str, ...] = ROUTES, check: bool = 
     float64-purity and self checks (a few hundred ms; keep it on). ``perturb`` (ONNX route):
     every parameter of the graph times (1 + perturb x uniform(-1, 1)).
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from pytest_tf2cntk.tf_import import tensorflow
+
+    tensorflow()  # quietly, before a route imports it
     source = SourceModel.from_conversion(conversion)
     attempts: list[tuple[str, str]] = []
     for route in routes:

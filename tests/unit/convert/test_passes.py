@@ -112,3 +112,20 @@ def test_cast_to_int_is_a_warning_not_an_error() -> None:
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
     warnings = validate(model)
     assert [(w.node, w.severity) for w in warnings] == [("cast", "warning")]
+
+
+def test_problems_read_cleanly_for_the_whole_model_and_without_a_tf_op() -> None:
+    """No "opset '<model>' (TF: )", no IR complaint about the file the tool wrote above opset 9,
+    and a report's warning line does not say "warning" twice."""
+    from pytest_tf2cntk.convert.validation import Problem
+
+    relu = [helper.make_node("Relu", ["x"], ["y"], name="r")]
+    io = ([helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])])
+    model = _model(relu, *io, opset=11)
+    model.ir_version = 6  # what tf2onnx writes at opset 11
+    (problem,) = check_support(model)
+    assert str(problem).startswith("error: the model: default-domain opset 11 > 9") and "(TF: )" not in str(problem)
+    warning = Problem("cast_1", "Cast", "", "pass-through", "keep it float", "warning")
+    assert str(warning) == "warning: Cast 'cast_1': pass-through; hint: keep it float"
+    assert warning.describe() == "Cast 'cast_1': pass-through; hint: keep it float"
