@@ -1,0 +1,1 @@
+"""Repair: AveragePool whose window overhangs the map with SAME padding (placeholder)."""
