@@ -12,6 +12,7 @@ from tests.support.paths import FIXTURES
 pytest_plugins = ["pytester"]
 pytestmark = pytest.mark.needs_cntk
 QUIET = ("-p", "no:cacheprovider", "--tf2cntk-max-examples=5")
+RAW = "--tf2cntk-repairs=off"  # quantized.keras keeps CNTK's Cast defect: the known-bad conversion
 
 
 @pytest.fixture
@@ -92,7 +93,7 @@ def test_user_tests_with_fixtures_marker_and_assert_parity(project: pytest.Pytes
         def test_fails_readably(tf2cntk_model):
             assert_parity(tf2cntk_model, "cpu", max_examples=5)
     ''')
-    result = project.runpytest_subprocess("-p", "no:cacheprovider")
+    result = project.runpytest_subprocess("-p", "no:cacheprovider", RAW)
     result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines(["*ParityFailure: tf2cntk parity FAILED*quantized.keras on cpu*",
                                  "*output 'y' failed: error * vs the float64 truth is *x the float32 noise *",
@@ -103,7 +104,7 @@ def test_user_tests_with_fixtures_marker_and_assert_parity(project: pytest.Pytes
 
 def test_failing_model_gives_exit_1_and_a_readable_failure(project: pytest.Pytester) -> None:
     result = project.runpytest_subprocess("--tf2cntk-model=quantized.keras", "--tf2cntk-devices=cpu",
-                                          "--junitxml=junit.xml", *QUIET)
+                                          "--junitxml=junit.xml", RAW, *QUIET)
     assert result.ret == 1
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines([
@@ -237,7 +238,7 @@ def test_history_records_runs_and_drift_fails_within_budget(project: pytest.Pyte
 
 
 def test_last_failed_and_exitfirst_select_model_items(project: pytest.Pytester) -> None:
-    args = ("--tf2cntk-model=mlp.keras", "--tf2cntk-model=quantized.keras", "--tf2cntk-devices=cpu",
+    args = ("--tf2cntk-model=mlp.keras", "--tf2cntk-model=quantized.keras", "--tf2cntk-devices=cpu", RAW,
             "--tf2cntk-max-examples=3", "--tf2cntk-no-history")
     project.runpytest_subprocess(*args).assert_outcomes(passed=3, failed=1)
     again = project.runpytest_subprocess(*args, "--lf", "-v")
