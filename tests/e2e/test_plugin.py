@@ -125,6 +125,33 @@ def test_failing_model_gives_exit_1_and_a_readable_failure(project: pytest.Pytes
     assert props["tf2cntk_reproducer"].endswith(".npz")
 
 
+def test_repairs_make_quantized_pass_and_off_shows_the_raw_cntk_defect(project: pytest.Pytester) -> None:
+    args = ("--tf2cntk-model=quantized.keras", "--tf2cntk-devices=cpu", "--junitxml=junit.xml",
+            "--tf2cntk-report=report.json", "--tf2cntk-history=h.sqlite", "-rP", *QUIET)
+    repaired = project.runpytest_subprocess(*args)
+    repaired.assert_outcomes(passed=2)
+    repaired.stdout.fnmatch_lines(["*tf2cntk conversion*", "repairs   int_cast_truncation (1)",
+                                   "*quantized.keras*cpu*y*PASS*"])
+    props = [(p.get("name"), p.get("value")) for p in ET.parse(project.path / "junit.xml").iter("property")]
+    assert ("tf2cntk_convert_repairs", "int_cast_truncation (1)") in props
+    assert ("tf2cntk_repairs", "int_cast_truncation (1)") in props
+    report = json.loads((project.path / "report.json").read_text())
+    used = report["conversions"][0]["repairs"][0]
+    assert used["name"] == "int_cast_truncation" and "ORT max |diff| 0" in used["proof"] and used["defect"]
+    assert report["results"][0]["result"]["conversion"]["repairs"][0]["name"] == "int_cast_truncation"
+    from pytest_tf2cntk.history.frame import load_history
+
+    assert load_history(project.path / "h.sqlite")["repairs"].tolist() == ['["int_cast_truncation"]']
+
+    raw = project.runpytest_subprocess(*args, RAW)  # exactly today's failure
+    assert raw.ret == 1
+    raw.assert_outcomes(passed=1, failed=1)
+    raw.stdout.fnmatch_lines(["tf2cntk parity FAILED: *quantized.keras on cpu*",
+                              "*stage: CNTK importer/runtime (ONNX -> CNTK)*", "repairs   off",
+                              "*quantized.keras*cpu*y*FAIL (CNTK importer/runtime*"])
+    assert load_history(project.path / "h.sqlite")["repairs"].tolist()[-1] == "[]"
+
+
 def test_conversion_failure_fails_parity_items_with_its_message(project: pytest.Pytester) -> None:
     result = project.runpytest_subprocess("--tf2cntk-model=gru.keras", "--tf2cntk-devices=cpu", *QUIET)
     assert result.ret == 1
