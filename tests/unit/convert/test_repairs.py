@@ -179,3 +179,19 @@ def test_a_fixture_needing_no_repair_converts_to_the_same_bytes(name: str, tmp_p
         assert repaired.SerializeToString() != off.onnx_path.read_bytes()
         return
     assert repaired.SerializeToString() == off.onnx_path.read_bytes() and on.repairs_text() == "none needed"
+
+
+@pytest.mark.needs_cntk
+def test_keras_same_avgpool_on_a_1x1_map_fails_parity_without_the_repair_and_passes_with_it(tmp_path: Path) -> None:
+    from pytest_tf2cntk.parity.engine import check_parity
+    from tests.support.small_models import same_avgpool
+
+    model = same_avgpool(tmp_path / "pool1x1.keras", 1, channels=3)
+    common = {"max_examples": 5, "seed": 0, "layerwise": "off", "reproducer_dir": tmp_path}
+    raw = check_parity(model, "cpu", repairs="off", **common)
+    assert not raw.passed and raw.conversion.repairs == []
+    fixed = check_parity(model, "cpu", repairs="on", **common)
+    assert fixed.passed, str(fixed)
+    assert [r.name for r in fixed.conversion.repairs] == ["avgpool_border"]
+    border_only = check_parity(same_avgpool(tmp_path / "pool5x5.keras", 5), "cpu", **common)
+    assert border_only.passed and border_only.conversion.repairs == []  # one-sided overhang: right as is
