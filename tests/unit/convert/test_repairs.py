@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from pytest_tf2cntk.convert import onnxrt
-from pytest_tf2cntk.convert.repairs import REPAIRS, run_repairs
+from pytest_tf2cntk.convert.repairs import REPAIRS, Repair, run_repairs
 from pytest_tf2cntk.convert.repairs import avgpool_border as ap
 from pytest_tf2cntk.convert.repairs import int_cast
 from pytest_tf2cntk.convert.validation import check_support
@@ -71,6 +71,17 @@ def test_a_wrong_truncation_is_caught_by_the_edge_proof(monkeypatch: pytest.Monk
     monkeypatch.setattr(int_cast, "truncation_nodes", floor_only)
     with pytest.raises(PassMismatch, match="int_cast_truncation"):
         int_cast.prove_edges(run_repairs(_quantizer(3), prove=False)[0])
+
+
+def test_a_repair_that_changes_the_numbers_is_refused_with_the_way_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    def wrong(model: onnx.ModelProto) -> int:
+        model.graph.node[0].attribute[0].i = TensorProto.FLOAT  # CNTK's own pass-through: no truncation
+        return 1
+
+    monkeypatch.setattr("pytest_tf2cntk.convert.repairs.REPAIRS", [Repair("wrong", "d", "r", wrong)])
+    with pytest.raises(PassMismatch, match="CNTK repair 'wrong' changed output 'y'") as caught:
+        run_repairs(_quantizer(3))
+    assert "--tf2cntk-repairs=off" in caught.value.hint
 
 
 def _pool(h: int, w: int, k: int, pad: int, channels: int = 3, include_pad: int = 0) -> onnx.ModelProto:
