@@ -80,6 +80,11 @@ def _replace(model: onnx.ModelProto, replaced: dict[int, list[onnx.NodeProto]]) 
     model.graph.node.extend(copies)
 
 
+def _used(model: onnx.ModelProto) -> set[str]:
+    """Tensors some node or graph output reads."""
+    return {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+
+
 def _input(node: onnx.NodeProto, i: int) -> str:
     return node.input[i] if len(node.input) > i else ""
 
@@ -134,7 +139,7 @@ def _same_directions(node: onnx.NodeProto, consts: dict) -> bool:
 
 def split_recurrent_batch(model: onnx.ModelProto) -> int:
     """LSTM/GRU/RNN with batch B > 1 -> B batch-1 nodes on Slice(X, batch b), Y joined by Concat."""
-    shapes, consts, users = og.infer_shapes(model), og.constant_values(model), og.consumers(model)
+    shapes, consts, users = og.infer_shapes(model), og.constant_values(model), _used(model)
     taken, replaced = _taken(model), {}
     for i, node in enumerate(model.graph.node):
         if _splittable(node, shapes, consts, users):
@@ -195,4 +200,214 @@ REPAIR_SPLIT = Repair(
     "state, sharing W/R/B; Concat of their Y on the batch axis (Y_h sliced from Y)",
     split_recurrent_batch)
 
-REPAIRS = [REPAIR_SPLIT]
+
+# ---------------------------------------------------------------------------------------------
+# (2) Keras 3 GRU: tf2onnx's Loop -> the ONNX GRU op it computes.
+
+
+class _KerasGRU:
+    """What a tf2onnx Loop of a Keras GRU cell (reset_after=True) holds, read off its body."""
+
+    def __init__(self, x: str, kernel: np.ndarray, recurrent: np.ndarray, bias: np.ndarray,
+                 h0: np.ndarray, h_state: int, scan_out: int):
+        self.x, self.kernel, self.recurrent, self.bias, self.h0 = x, kernel, recurrent, bias, h0
+        self.h_state, self.scan_out = h_state, scan_out  # Loop output of the final h, of all h
+
+
+def _keras_gru(loop: onnx.NodeProto, consts: dict, shapes: dict) -> _KerasGRU | None:
+    """The Keras GRU in ``loop``, or None when the body is anything else.
+
+    The body must compute x_t (Gather of an outer [T, B, I] tensor at the step counter) times a
+    constant kernel [I, 3H] plus bias[0], and h times a constant recurrent kernel [H, 3H] plus
+    bias[1] (a constant [2, 3H]: reset_after=True), with exactly two Sigmoids and one Tanh (the
+    default activations). The ORT proof then checks the rest of the cell.
+    """
+    body = next(iter(og.iter_subgraphs(loop)), None)
+    if body is None or len(loop.input) < 3:
+        return None
+    counts = {}
+    for n in body.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    if (counts.get("Gemm"), counts.get("Sigmoid"), counts.get("Tanh"), counts.get("Gather")) != (2, 2, 1, 1):
+        return None
+    carried = {b.name: loop.input[k] for k, b in enumerate(body.input) if k >= 2}  # body input -> outer
+    made = {o: n for n in body.node for o in n.output}
+    gather = next(n for n in body.node if n.op_type == "Gather")
+    x = gather.input[0]
+    x_shape = shapes.get(x) or ()
+    if x in made or x in carried or len(x_shape) != 3 or x_shape[0] not in (None, _const(loop.input[0], consts)):
+        return None  # a Loop's scan output has no inferred time dim: the trip count gives it
+    gemms = [n for n in body.node if n.op_type == "Gemm"]
+    if any(og.attr(g, "transA", 0) or og.attr(g, "transB", 0) or og.attr(g, "alpha", 1.0) != 1.0
+           or og.attr(g, "beta", 1.0) != 1.0 for g in gemms):
+        return None
+    x_gemm = next((g for g in gemms if g.input[0] == gather.output[0]), None)
+    h_gemm = next((g for g in gemms if g.input[0] in carried), None)
+    if x_gemm is None or h_gemm is None or x_gemm is h_gemm:
+        return None
+    weights = [consts.get(carried.get(g.input[1], "")) for g in (x_gemm, h_gemm)]
+    bias = consts.get(carried.get(_split_source(h_gemm.input[2], made), ""))
+    h0 = consts.get(carried[h_gemm.input[0]])
+    if any(w is None or w.ndim != 2 for w in weights) or bias is None or h0 is None:
+        return None
+    hidden = weights[1].shape[0]
+    if (bias.shape != (2, 3 * hidden) or weights[1].shape != (hidden, 3 * hidden) or h0.ndim != 2
+            or h0.shape[1] != hidden or weights[0].shape[1] != 3 * hidden):
+        return None
+    return _gru_outputs(loop, body, x, weights, bias, h0, h_gemm.input[0])
+
+
+def _const(name: str, consts: dict) -> int | None:
+    value = consts.get(name)
+    return int(value) if value is not None and value.size == 1 else None
+
+
+def _split_source(name: str, made: dict) -> str:
+    """The tensor a Squeeze(Split(t)) came from (tf2onnx's reading of bias[0] / bias[1])."""
+    node = made.get(name)
+    while node is not None and node.op_type in ("Squeeze", "Split", "Reshape", "Identity"):
+        name = node.input[0]
+        node = made.get(name)
+    return name
+
+
+def _through_identities(name: str, made: dict) -> str:
+    while name in made and made[name].op_type == "Identity":
+        name = made[name].input[0]
+    return name
+
+
+def _gru_outputs(loop, body, x, weights, bias, h0, h_in) -> _KerasGRU | None:  # noqa: ANN001
+    """Find which Loop outputs are the final h and the stacked h (tf2onnx's TensorList)."""
+    k = [b.name for b in body.input].index(h_in)  # body input k <-> body output k - 1
+    made = {o: n for n in body.node for o in n.output}
+    h_new = _through_identities(body.output[k - 1].name, made)
+    carried = len(loop.input) - 2
+    for s, out in enumerate(body.output[1 + carried:]):
+        if _through_identities(out.name, made) == h_new:
+            return _KerasGRU(x, weights[0], weights[1], bias, h0, k - 2, carried + s)
+    return None
+
+
+def loop_to_gru(model: onnx.ModelProto) -> int:
+    """Loop of a Keras GRU cell -> ONNX GRU (linear_before_reset=1) with the same weights."""
+    consts, shapes, users = og.constant_values(model), og.infer_shapes(model), _used(model)
+    taken, replaced = _taken(model), {}
+    for i, node in enumerate(model.graph.node):
+        gru = _keras_gru(node, consts, shapes) if node.op_type == "Loop" else None
+        used = {j for j, o in enumerate(node.output) if o in users}
+        if gru is None or not used <= {gru.h_state, gru.scan_out}:
+            continue
+        em = _Emitter(model, taken, node.name or "Loop")
+        _emit_gru(em, node, gru, _const(node.input[0], consts), gru.h_state in used)
+        replaced[i] = em.nodes
+    if replaced:
+        _replace(model, replaced)
+    return len(replaced)
+
+
+def _emit_gru(em: _Emitter, loop: onnx.NodeProto, gru: _KerasGRU, steps: int, final_h: bool) -> None:
+    batch, hidden = gru.h0.shape
+    w = em.const("W", gru.kernel.T[None].astype(np.float32))  # ONNX W [1, 3H, I], z r h like Keras
+    r = em.const("R", gru.recurrent.T[None].astype(np.float32))
+    b = em.const("B", gru.bias.reshape(1, 6 * hidden).astype(np.float32))  # [Wb, Rb]
+    h0 = em.const("initial_h", gru.h0[None].astype(np.float32))
+    y, y_h = em.name("Y"), em.name("Y_h")
+    em.nodes.append(helper.make_node("GRU", [gru.x, w, r, b, "", h0], [y, y_h], name=em.name("gru"),
+                                     hidden_size=hidden, linear_before_reset=1))
+    em.reshape(y, [steps, batch, hidden], output=loop.output[gru.scan_out])
+    if final_h:
+        em.reshape(y_h, [batch, hidden], output=loop.output[gru.h_state])
+
+
+REPAIR_GRU_LOOP = Repair(
+    "keras_gru_loop_to_gru",
+    "tf2onnx emits a Keras 3 GRU as a Loop at every batch size, and CNTK 2.7 imports no Loop",
+    "an ONNX GRU (linear_before_reset=1, Keras' reset_after=True) with the weights read off the "
+    "Loop's body: W = kernel^T, R = recurrent_kernel^T, B = [bias[0], bias[1]]; the Loop's outputs "
+    "become Reshapes of Y and Y_h",
+    loop_to_gru)
+
+
+# ---------------------------------------------------------------------------------------------
+# (3) GRU with linear_before_reset=1: unrolled into the ops CNTK computes exactly.
+
+
+def _unrollable(node: onnx.NodeProto, shapes: dict, consts: dict) -> bool:
+    x = shapes.get(node.input[0]) or ()
+    return (node.op_type == "GRU" and bool(og.attr(node, "linear_before_reset", 0)) and len(x) == 3
+            and all(isinstance(d, int) for d in x) and all(_input(node, i) in consts for i in (1, 2))
+            and (not _input(node, 3) or _input(node, 3) in consts) and not _input(node, 4)
+            and _default_cell(node) and _initial_states(node, consts) is not None)
+
+
+def unroll_gru(model: onnx.ModelProto) -> int:
+    """GRU(linear_before_reset=1) -> per time step Gemm, Slice, Sigmoid, Tanh, Mul, Add, Sub."""
+    shapes, consts, users = og.infer_shapes(model), og.constant_values(model), _used(model)
+    taken, replaced = _taken(model), {}
+    for i, node in enumerate(model.graph.node):
+        if _unrollable(node, shapes, consts):
+            em = _Emitter(model, taken, node.name or "GRU")
+            _unroll_one(em, node, shapes[node.input[0]], consts, users)
+            replaced[i] = em.nodes
+    if replaced:
+        _replace(model, replaced)
+    return len(replaced)
+
+
+def _unroll_one(em: _Emitter, node: onnx.NodeProto, x_shape: tuple, consts: dict, users: dict) -> None:
+    steps, batch, features = x_shape
+    w, r = consts[node.input[1]], consts[node.input[2]]
+    hidden = r.shape[-1]
+    dirs = _directions(node)
+    bias = consts[node.input[3]] if _input(node, 3) else np.zeros((len(dirs), 6 * hidden), w.dtype)
+    h0 = consts[node.input[5]] if _input(node, 5) else np.zeros((len(dirs), batch, hidden), w.dtype)
+    flat = em.reshape(node.input[0], [steps * batch, features])
+    per_direction, lasts = [], []
+    for d, direction in enumerate(dirs):
+        # x W^T + Wb for every step at once: [T*B, 3H] -> [T, B, 3H]
+        xw = em.reshape(em.op("Gemm", [flat, em.const("Wt", w[d].T), em.const("Wb", bias[d, :3 * hidden])],
+                              "gemm"), [steps, batch, 3 * hidden])
+        cell = (em.const("Rt", r[d].T), em.const("Rb", bias[d, 3 * hidden:]), hidden, batch)
+        h, hs = em.const("initial_h", h0[d]), {}
+        for t in (range(steps) if direction == "forward" else range(steps - 1, -1, -1)):
+            h = hs[t] = _gru_step(em, em.reshape(em.slice(xw, 0, t, t + 1), [batch, 3 * hidden]), h, cell)
+        per_direction.append(hs)
+        lasts.append(h)
+    if node.output[0] in users:
+        ys = [em.op("Concat", [em.reshape(hs[t], [1, 1, batch, hidden]) for t in range(steps)], "concat", axis=0)
+              for hs in per_direction]
+        em.op("Concat" if len(ys) > 1 else "Identity", ys, "y", output=node.output[0],
+              **({"axis": 1} if len(ys) > 1 else {}))
+    if len(node.output) > 1 and node.output[1] in users:
+        em.op("Concat", [em.reshape(h, [1, batch, hidden]) for h in lasts], "concat", output=node.output[1],
+              axis=0)
+
+
+def _gru_step(em: _Emitter, xw: str, h: str, cell: tuple) -> str:
+    """One ONNX GRU step with linear_before_reset=1 (z r h gate order, as ONNX and Keras have):
+    z, r = sigmoid(xw[:2H] + hr[:2H]); n = tanh(xw[2H:] + r * hr[2H:]); h' = (1 - z) n + z h,
+    where hr = h R^T + Rb."""
+    rt, rb, hidden, batch = cell
+    hr = em.op("Gemm", [h, rt, rb], "gemm")
+    zr = em.op("Sigmoid", [em.op("Add", [em.slice(xw, 1, 0, 2 * hidden), em.slice(hr, 1, 0, 2 * hidden)],
+                                 "add")], "sigmoid")
+    z, r = em.slice(zr, 1, 0, hidden), em.slice(zr, 1, hidden, 2 * hidden)
+    n = em.op("Tanh", [em.op("Add", [em.slice(xw, 1, 2 * hidden, 3 * hidden),
+                                     em.op("Mul", [r, em.slice(hr, 1, 2 * hidden, 3 * hidden)], "mul")],
+                             "add")], "tanh")
+    one = em.const("one", np.ones((batch, hidden), np.float32))
+    return em.op("Add", [em.op("Mul", [em.op("Sub", [one, z], "sub"), n], "mul"), em.op("Mul", [z, h], "mul")],
+                 "add")
+
+
+REPAIR_UNROLL_GRU = Repair(
+    "unroll_gru",
+    "CNTK 2.7's GRU importer never reads linear_before_reset (RNNHelper.cpp GRUCell computes "
+    "g(W_h x + H1 (r * h))), so a GRU with linear_before_reset=1 (every Keras GRU, reset_after=True) "
+    "loads and computes another cell",
+    "the GRU unrolled over its fixed time steps into Gemm, Slice, Sigmoid, Tanh, Mul, Add, Sub, "
+    "Reshape and Concat (x W^T for all steps in one Gemm), giving Y and Y_h as the op does",
+    unroll_gru)
+
+REPAIRS = [REPAIR_GRU_LOOP, REPAIR_UNROLL_GRU, REPAIR_SPLIT]
