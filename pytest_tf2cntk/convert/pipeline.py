@@ -221,7 +221,7 @@ def convert(path: str | os.PathLike, *, batch: int = _DEFAULTS.batch, opset: int
             signature: str | None = _DEFAULTS.signature, unsafe_load: bool = _DEFAULTS.unsafe_load,
             cache_dir: str | os.PathLike | None = _DEFAULTS.cache_dir, use_cache: bool = True,
             apply_passes: bool = True, progress: Callable[[str], None] | None = None,
-            input_shapes: Any = _DEFAULTS.input_shapes) -> Conversion:
+            input_shapes: Any = _DEFAULTS.input_shapes, repairs: str = "on") -> Conversion:
     """Convert one model for CNTK. Raises ModelLoadError, ConversionError or ValidationError.
 
     ``input_shapes`` fixes free input dimensions: {name: dims without the batch}, or
@@ -240,7 +240,8 @@ def convert(path: str | os.PathLike, *, batch: int = _DEFAULTS.batch, opset: int
     options = ConversionOptions(batch, opset, signature, unsafe_load, str(cache_dir) if cache_dir else None, shapes)
     cache = ConversionCache(Path(cache_dir) if cache_dir else None)
     keyed = {"batch": batch, "opset": opset, "signature": signature, "passes": apply_passes,
-             "unsafe_load": unsafe_load, "input_shapes": [[n, list(d)] for n, d in shapes]}
+             "unsafe_load": unsafe_load, "input_shapes": [[n, list(d)] for n, d in shapes],
+             "repairs": repairs}  # issue 13: D's --tf2cntk-repairs option replaces this stand-in
     key = cache.key(source, keyed, pipeline_fingerprint())
     started = time.perf_counter()
 
@@ -306,6 +307,9 @@ def _convert_fresh(source: Path, tf_model: TFModel, keyed: dict[str, Any], apply
                 progress("applying CNTK compatibility passes ...")
             proto, applied = run_passes(proto)
             records += applied
+            if keyed["repairs"] == "on":
+                proto, repaired = _repair(proto)  # issue 13: D's --tf2cntk-repairs plumbing replaces this
+                records += repaired
         warnings = validate(proto, str(source))
     except (ConversionError, ValidationError) as exc:
         if opset > MAX_OPSET:
@@ -315,6 +319,17 @@ def _convert_fresh(source: Path, tf_model: TFModel, keyed: dict[str, Any], apply
         return None, dataclasses.replace(meta, error=error)
     return proto, dataclasses.replace(meta, ops=op_counts(proto), passes=records, warnings=list(warnings),
                                       layer_scopes=dict(scopes))
+
+
+def _repair(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[PassRecord]]:
+    """The CNTK repairs, each proved in ORT; a graph that needs none stays byte for byte."""
+    from pytest_tf2cntk.convert.passes import prune_unused
+    from pytest_tf2cntk.convert.repairs import run_repairs
+
+    repaired, records = run_repairs(proto)
+    if records:
+        prune_unused(repaired)  # a repaired node's old weights may now be dead
+    return repaired, records
 
 
 def _unless_opset_nine_fails(exc: ConversionError | ValidationError, tf_model: TFModel, batch: int,

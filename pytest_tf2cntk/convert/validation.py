@@ -136,6 +136,8 @@ def _attr_limits(node: onnx.NodeProto, ctx: Context) -> str | None:
             return f"{node.op_type} weights W/R/B must be initializers for CNTK"
         if any(o in ctx.used for o in node.output[1:] if o):
             return f"CNTK builds only Y of {node.op_type}; Y_h/Y_c consumers break"
+        if node.op_type == "GRU" and og.attr(node, "linear_before_reset", 0):
+            return "CNTK's GRU ignores linear_before_reset=1 (Keras reset_after=True) and computes another cell"
     if node.op_type == "Cast" and og.attr(node, "to") not in _FLOAT_TYPES:
         return "CNTK makes casts to integer/bool a silent pass-through (no rounding)"
     return None

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from pytest_tf2cntk.convert import onnx_graph as og
-from pytest_tf2cntk.convert.repairs import Repair
+from pytest_tf2cntk.convert.repairs import REPAIRS, Repair
 
 RNN_OPS = ("LSTM", "GRU", "RNN")
 _DEFAULT_ACTIVATIONS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}
@@ -81,8 +81,12 @@ def _replace(model: onnx.ModelProto, replaced: dict[int, list[onnx.NodeProto]]) 
 
 
 def _used(model: onnx.ModelProto) -> set[str]:
-    """Tensors some node or graph output reads."""
-    return {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    """Tensors some node (or a Loop body inside it) or graph output reads."""
+    used = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        used.update(node.input)
+        used.update(og.subgraph_references(node))
+    return used
 
 
 def _input(node: onnx.NodeProto, i: int) -> str:
@@ -117,7 +121,7 @@ def _initial_states(node: onnx.NodeProto, consts: dict[str, np.ndarray]) -> list
 # (1) Recurrent nodes at batch > 1: one batch-1 node per sample, sharing the weights.
 
 
-def _splittable(node: onnx.NodeProto, shapes: dict, consts: dict, users: dict) -> bool:
+def _splittable(node: onnx.NodeProto, shapes: dict, consts: dict, used: set) -> bool:
     x = shapes.get(node.input[0]) or ()
     if node.op_type not in RNN_OPS or len(x) != 3 or not isinstance(x[1], int) or x[1] < 2:
         return False
@@ -129,7 +133,7 @@ def _splittable(node: onnx.NodeProto, shapes: dict, consts: dict, users: dict) -
         return False
     if len(_directions(node)) == 2 and not _same_directions(node, consts):
         return False  # CNTK gives both directions direction 1's state: another defect
-    return not (len(node.output) > 2 and node.output[2] in users)  # CNTK builds no Y_c
+    return not (len(node.output) > 2 and node.output[2] in used)  # CNTK builds no Y_c
 
 
 def _same_directions(node: onnx.NodeProto, consts: dict) -> bool:
@@ -139,19 +143,19 @@ def _same_directions(node: onnx.NodeProto, consts: dict) -> bool:
 
 def split_recurrent_batch(model: onnx.ModelProto) -> int:
     """LSTM/GRU/RNN with batch B > 1 -> B batch-1 nodes on Slice(X, batch b), Y joined by Concat."""
-    shapes, consts, users = og.infer_shapes(model), og.constant_values(model), _used(model)
+    shapes, consts, used = og.infer_shapes(model), og.constant_values(model), _used(model)
     taken, replaced = _taken(model), {}
     for i, node in enumerate(model.graph.node):
-        if _splittable(node, shapes, consts, users):
+        if _splittable(node, shapes, consts, used):
             em = _Emitter(model, taken, node.name or node.op_type)
-            _split_one(em, node, shapes[node.input[0]], consts, users)
+            _split_one(em, node, shapes[node.input[0]], consts, used)
             replaced[i] = em.nodes
     if replaced:
         _replace(model, replaced)
     return len(replaced)
 
 
-def _split_one(em: _Emitter, node: onnx.NodeProto, x_shape: tuple, consts: dict, users: dict) -> None:
+def _split_one(em: _Emitter, node: onnx.NodeProto, x_shape: tuple, consts: dict, used: set) -> None:
     steps, batch = x_shape[0], x_shape[1]
     states = _initial_states(node, consts) or []
     ys = []
@@ -168,7 +172,7 @@ def _split_one(em: _Emitter, node: onnx.NodeProto, x_shape: tuple, consts: dict,
         em.nodes.append(sample)
     y = node.output[0] if node.output[0] else em.name("y")
     em.op("Concat", ys, "concat", output=y, axis=2)
-    if len(node.output) > 1 and node.output[1] in users:
+    if len(node.output) > 1 and node.output[1] in used:
         hidden = og.attr(node, "hidden_size") or consts[node.input[2]].shape[-1]
         _last_states(em, y, (steps, batch, hidden), _directions(node), node.output[1])
 
@@ -291,15 +295,15 @@ def _gru_outputs(loop, body, x, weights, bias, h0, h_in) -> _KerasGRU | None:  #
 
 def loop_to_gru(model: onnx.ModelProto) -> int:
     """Loop of a Keras GRU cell -> ONNX GRU (linear_before_reset=1) with the same weights."""
-    consts, shapes, users = og.constant_values(model), og.infer_shapes(model), _used(model)
+    consts, shapes, used = og.constant_values(model), og.infer_shapes(model), _used(model)
     taken, replaced = _taken(model), {}
     for i, node in enumerate(model.graph.node):
         gru = _keras_gru(node, consts, shapes) if node.op_type == "Loop" else None
-        used = {j for j, o in enumerate(node.output) if o in users}
-        if gru is None or not used <= {gru.h_state, gru.scan_out}:
+        wanted = {j for j, o in enumerate(node.output) if o in used}
+        if gru is None or not wanted <= {gru.h_state, gru.scan_out}:
             continue
         em = _Emitter(model, taken, node.name or "Loop")
-        _emit_gru(em, node, gru, _const(node.input[0], consts), gru.h_state in used)
+        _emit_gru(em, node, gru, _const(node.input[0], consts), gru.h_state in wanted)
         replaced[i] = em.nodes
     if replaced:
         _replace(model, replaced)
@@ -343,19 +347,19 @@ def _unrollable(node: onnx.NodeProto, shapes: dict, consts: dict) -> bool:
 
 def unroll_gru(model: onnx.ModelProto) -> int:
     """GRU(linear_before_reset=1) -> per time step Gemm, Slice, Sigmoid, Tanh, Mul, Add, Sub."""
-    shapes, consts, users = og.infer_shapes(model), og.constant_values(model), _used(model)
+    shapes, consts, used = og.infer_shapes(model), og.constant_values(model), _used(model)
     taken, replaced = _taken(model), {}
     for i, node in enumerate(model.graph.node):
         if _unrollable(node, shapes, consts):
             em = _Emitter(model, taken, node.name or "GRU")
-            _unroll_one(em, node, shapes[node.input[0]], consts, users)
+            _unroll_one(em, node, shapes[node.input[0]], consts, used)
             replaced[i] = em.nodes
     if replaced:
         _replace(model, replaced)
     return len(replaced)
 
 
-def _unroll_one(em: _Emitter, node: onnx.NodeProto, x_shape: tuple, consts: dict, users: dict) -> None:
+def _unroll_one(em: _Emitter, node: onnx.NodeProto, x_shape: tuple, consts: dict, used: set) -> None:
     steps, batch, features = x_shape
     w, r = consts[node.input[1]], consts[node.input[2]]
     hidden = r.shape[-1]
@@ -374,12 +378,12 @@ def _unroll_one(em: _Emitter, node: onnx.NodeProto, x_shape: tuple, consts: dict
             h = hs[t] = _gru_step(em, em.reshape(em.slice(xw, 0, t, t + 1), [batch, 3 * hidden]), h, cell)
         per_direction.append(hs)
         lasts.append(h)
-    if node.output[0] in users:
+    if node.output[0] in used:
         ys = [em.op("Concat", [em.reshape(hs[t], [1, 1, batch, hidden]) for t in range(steps)], "concat", axis=0)
               for hs in per_direction]
         em.op("Concat" if len(ys) > 1 else "Identity", ys, "y", output=node.output[0],
               **({"axis": 1} if len(ys) > 1 else {}))
-    if len(node.output) > 1 and node.output[1] in users:
+    if len(node.output) > 1 and node.output[1] in used:
         em.op("Concat", [em.reshape(h, [1, batch, hidden]) for h in lasts], "concat", output=node.output[1],
               axis=0)
 
@@ -410,4 +414,5 @@ REPAIR_UNROLL_GRU = Repair(
     "Reshape and Concat (x W^T for all steps in one Gemm), giving Y and Y_h as the op does",
     unroll_gru)
 
-REPAIRS = [REPAIR_GRU_LOOP, REPAIR_UNROLL_GRU, REPAIR_SPLIT]
+# A GRU's Loop first becomes the GRU op, which is then unrolled; the split takes the other RNNs.
+REPAIRS.extend([REPAIR_GRU_LOOP, REPAIR_UNROLL_GRU, REPAIR_SPLIT])
