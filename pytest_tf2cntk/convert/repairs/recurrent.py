@@ -86,7 +86,7 @@ def _used(model: onnx.ModelProto) -> set[str]:
     for node in model.graph.node:
         used.update(node.input)
         used.update(og.subgraph_references(node))
-    return used
+    return used - {""}  # an omitted optional input is no tensor
 
 
 def _input(node: onnx.NodeProto, i: int) -> str:
