@@ -123,10 +123,10 @@ def _initial_states(node: onnx.NodeProto, consts: dict[str, np.ndarray]) -> list
 
 def _splittable(node: onnx.NodeProto, shapes: dict, consts: dict, used: set) -> bool:
     x = shapes.get(node.input[0]) or ()
-    if node.op_type not in RNN_OPS or len(x) != 3 or not isinstance(x[1], int) or x[1] < 2:
+    if node.op_type not in RNN_OPS or len(x) != 3 or not all(isinstance(d, int) for d in x) or x[1] < 2:
         return False
     if node.op_type == "GRU" and og.attr(node, "linear_before_reset", 0):
-        return False  # CNTK's GRU is wrong at every batch here: unroll_keras_gru's case
+        return False  # CNTK's GRU is wrong at every batch here: unroll_gru's case
     if any(_input(node, i) not in consts for i in (1, 2)) or (_input(node, 3) and _input(node, 3) not in consts):
         return False
     if _input(node, 4) or not _default_cell(node) or _initial_states(node, consts) is None:
