@@ -146,7 +146,9 @@ def _applied(conv) -> list[str]:  # noqa: ANN001
 @pytest.mark.parametrize("name,batch,repairs", [
     ("lstm", 4, ["split_recurrent_batch"]),
     ("bilstm", 2, ["split_recurrent_batch"]),
+    ("bilstm", 4, ["split_recurrent_batch"]),
     ("stacked_lstm", 2, ["split_recurrent_batch"]),
+    ("stacked_lstm", 4, ["split_recurrent_batch"]),
     ("gru", 1, ["keras_gru_loop_to_gru", "unroll_gru"]),
     ("gru", 2, ["keras_gru_loop_to_gru", "unroll_gru"]),
     ("gru_sequences", 2, ["keras_gru_loop_to_gru", "unroll_gru"]),
