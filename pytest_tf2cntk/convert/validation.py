@@ -144,6 +144,8 @@ def _attr_limits(node: onnx.NodeProto, ctx: Context) -> str | None:
         x = ctx.shapes.get(node.input[0]) or ()
         if len(x) == 3 and x[1] not in (1, None):
             return (f"CNTK's RNN importer assumes batch 1, this {node.op_type} runs batch {x[1]}")
+        if node.op_type == "GRU" and og.attr(node, "linear_before_reset", 0):
+            return "CNTK's GRU ignores linear_before_reset=1 (Keras reset_after=True) and computes another cell"
         if any(i and i not in ctx.consts for i in node.input[1:4]):
             return f"{node.op_type} weights W/R/B must be initializers for CNTK"
         if any(o in ctx.used for o in node.output[1:] if o):

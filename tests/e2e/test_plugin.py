@@ -153,7 +153,9 @@ def test_repairs_make_quantized_pass_and_off_shows_the_raw_cntk_defect(project: 
 
 
 def test_conversion_failure_fails_parity_items_with_its_message(project: pytest.Pytester) -> None:
-    result = project.runpytest_subprocess("--tf2cntk-model=gru.keras", "--tf2cntk-devices=cpu", *QUIET)
+    # with repairs on gru.keras converts (issue 13); off, it is the "unsupported op" example still
+    result = project.runpytest_subprocess("--tf2cntk-model=gru.keras", "--tf2cntk-devices=cpu",
+                                          "--tf2cntk-repairs=off", *QUIET)
     assert result.ret == 1
     result.assert_outcomes(failed=2, errors=0)
     result.stdout.fnmatch_lines(["*gru.keras: 1 node(s) CNTK 2.7 cannot import correctly:*",

@@ -66,3 +66,28 @@ def same_avgpool(path: Path, size: int | tuple[int, int] = 5, pool: int = 3, cha
     y = keras.layers.AveragePooling2D(pool, strides=1, padding="same", name="pool")(x)
     keras.Model(x, keras.layers.Flatten(name="flat")(y)).save(path)
     return path
+
+
+def _sequence_model(path: Path, make, steps: int = 8, features: int = 3) -> Path:  # noqa: ANN001
+    """Input((steps, features), name="seq") -> make(layers, x) -> Dense(2, name="out")."""
+    keras = _keras()
+    x = keras.Input((steps, features), name="seq")
+    keras.Model(x, keras.layers.Dense(2, name="out")(make(keras.layers, x))).save(path)
+    return path
+
+
+def bilstm(path: Path) -> Path:
+    """Bidirectional(LSTM(6)) over 8 steps of 3 features -> Dense(2): tf2onnx's bidirectional LSTM."""
+    return _sequence_model(path, lambda L, x: L.Bidirectional(L.LSTM(6), name="bilstm")(x))
+
+
+def stacked_lstm(path: Path) -> Path:
+    """LSTM(6, return_sequences) -> LSTM(6) over 8 steps of 3 features -> Dense(2): two LSTM nodes."""
+    return _sequence_model(path, lambda L, x: L.LSTM(6, name="lstm2")(L.LSTM(6, return_sequences=True,
+                                                                           name="lstm1")(x)))
+
+
+def gru_sequences(path: Path) -> Path:
+    """GRU(6, return_sequences) -> GRU(6) over 8 steps of 3 features -> Dense(2): two GRU Loops."""
+    return _sequence_model(path, lambda L, x: L.GRU(6, name="gru2")(L.GRU(6, return_sequences=True,
+                                                                         name="gru1")(x)))

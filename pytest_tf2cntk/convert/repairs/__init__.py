@@ -71,3 +71,4 @@ def run_repairs(model: onnx.ModelProto, prove: bool = True, seed: int = 0,
 # The repair modules, one line each, in the order they run: each appends its Repairs to REPAIRS.
 from pytest_tf2cntk.convert.repairs import int_cast  # noqa: E402,F401
 from pytest_tf2cntk.convert.repairs import avgpool_border  # noqa: E402,F401
+from pytest_tf2cntk.convert.repairs import recurrent  # noqa: E402,F401
