@@ -36,3 +36,7 @@ def run_repairs(model: onnx.ModelProto, prove: bool = True, seed: int = 0,
                 examples: int = 2) -> tuple[onnx.ModelProto, list[PassRecord]]:
     """Apply every repair whose defect the graph has; each one applied is proved in ONNX Runtime."""
     return apply_proved(model, [(r.name, r.apply) for r in REPAIRS], "CNTK repair", prove, seed, examples)
+
+
+# Each module appends its repairs to REPAIRS on import (kept last: they import Repair from here).
+from pytest_tf2cntk.convert.repairs import concat as _concat  # noqa: E402,F401
