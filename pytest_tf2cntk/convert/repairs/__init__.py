@@ -40,3 +40,5 @@ def run_repairs(model: onnx.ModelProto, prove: bool = True, seed: int = 0,
 
 # Each module appends its repairs to REPAIRS on import (kept last: they import Repair from here).
 from pytest_tf2cntk.convert.repairs import concat as _concat  # noqa: E402,F401
+from pytest_tf2cntk.convert.repairs import slice as _slice  # noqa: E402,F401
+from pytest_tf2cntk.convert.repairs import dilation as _dilation  # noqa: E402,F401
