@@ -23,7 +23,7 @@ from onnx import helper
 from pytest_tf2cntk.convert import onnx_graph as og
 from pytest_tf2cntk.convert.repairs import REPAIRS, Repair
 
-# Ops whose CNTK output has a free batch dimension (measured on CNTK 2.7: tests/unit/convert/test_repairs_f.py).
+# Ops whose CNTK output has a free batch dimension (measured on CNTK 2.7: tests/unit/convert/test_repairs_import.py).
 FREE_BATCH_OPS = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
                   "BatchNormalization", "LpPool", "GlobalLpPool"}
 STATIC_BATCH_OPS = {"Reshape"}  # the target shape is an initializer, so CNTK fixes every dimension
