@@ -306,10 +306,6 @@ def _convert_fresh(source: Path, tf_model: TFModel, keyed: dict[str, Any], apply
                 progress("applying CNTK compatibility passes ...")
             proto, applied = run_passes(proto)
             records += applied
-            from pytest_tf2cntk.convert.repairs import run_repairs  # until the repairs option (issue 13)
-
-            proto, applied = run_repairs(proto)
-            records += applied
         warnings = validate(proto, str(source))
     except (ConversionError, ValidationError) as exc:
         if opset > MAX_OPSET:
