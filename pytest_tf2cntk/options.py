@@ -175,6 +175,9 @@ OPTIONS: tuple[Option, ...] = (
                                "the batch joined by x, e.g. image:64x64x3 (repeatable; ini: one per line; "
                                "pyproject: [tool.tf2cntk.input_shapes] image = [64, 64, 3])", "list",
            "NAME:SHAPE", group=CONVERSION, pytest_flag="--tf2cntk-input-shape", parser=parse_input_shapes),
+    Option("repairs", "on", "CNTK repairs: on rewrites the graphs CNTK 2.7 computes wrongly into ones it computes "
+                            "correctly, each proved in ONNX Runtime; off converts without them, so the raw "
+                            "CNTK defect shows", metavar="on|off", group=CONVERSION, choices=("on", "off")),
     Option("edge_values", False, "begin with NaN/Inf-free edge patterns (zeros, range extremes, large and "
                                  "subnormal values) on each input, then let Hypothesis mix them in", "bool",
            group=PARITY),
@@ -245,6 +248,7 @@ class Settings:
     cache_dir: str | None = default("cache_dir")
     signature: str | None = default("signature")
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = default("input_shapes")
+    repairs: str = default("repairs")
     edge_values: bool = default("edge_values")
     timeout: float = default("timeout")
     layerwise: bool = default("layerwise")

@@ -16,3 +16,4 @@ class ConversionOptions(Jsonable):
     cache_dir: str | None = default("cache_dir")
     # (input name, its dimensions after the batch): fixes free dimensions (--tf2cntk-input-shape)
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = default("input_shapes")
+    repairs: str = default("repairs")  # "on" | "off": the CNTK repairs (convert.repairs)

@@ -174,20 +174,9 @@ def apply_proved(model: onnx.ModelProto, steps: list[tuple[str, RewriteFn]], wha
                  examples: int = 2) -> tuple[onnx.ModelProto, list[PassRecord]]:
     """Apply each rewrite to a copy; keep it only if ONNX Runtime gives the same outputs before
     and after on random inputs inside each input's domain (else PassMismatch, model unchanged).
-    A rewrite that changes nothing leaves the model untouched, byte for byte."""
-    from pytest_tf2cntk.convert import onnxrt
-
-    rng = np.random.default_rng(seed)
-    feeds = [random_feeds(derive_domains(model), rng) for _ in range(examples)] if prove else []
-    try:
-        reference = [onnxrt.run(model, f) for f in feeds]
-    except Exception as exc:
-        from pytest_tf2cntk.errors import ConversionError
-
-        raise ConversionError("ONNX Runtime cannot run the graph tf2onnx produced, so it cannot be "
-                              f"used as the reference: {str(exc).strip().splitlines()[0][:400]}",
-                              hint="report it to tf2onnx with the model; try another opset or batch") from None
-    records = []
+    A rewrite that changes nothing leaves the model untouched, byte for byte (and costs no ORT run)."""
+    records: list[PassRecord] = []
+    reference: tuple[list[dict], list[dict]] | None = None  # feeds and outputs, once a step changes something
     for name, fn in steps:
         candidate = onnx.ModelProto()
         candidate.CopyFrom(model)
@@ -196,11 +185,28 @@ def apply_proved(model: onnx.ModelProto, steps: list[tuple[str, RewriteFn]], wha
             continue
         proof = "not proved (prove=False)"
         if prove:
-            worst = _worst_difference(name, what, candidate, feeds, reference)
-            proof = f"ORT max |diff| {worst:.3g} on {len(feeds)} inputs"
+            reference = reference or _reference(model, seed, examples)
+            worst = _worst_difference(name, what, candidate, *reference)
+            proof = f"ORT max |diff| {worst:.3g} on {len(reference[0])} inputs"
         model = candidate
         records.append(PassRecord(name, changed, proof))
     return model, records
+
+
+def _reference(model: onnx.ModelProto, seed: int, examples: int) -> tuple[list[dict], list[dict]]:
+    """Random feeds inside each input's domain and the graph's outputs on them, in ORT."""
+    from pytest_tf2cntk.convert import onnxrt
+
+    rng = np.random.default_rng(seed)
+    feeds = [random_feeds(derive_domains(model), rng) for _ in range(examples)]
+    try:
+        return feeds, [onnxrt.run(model, f) for f in feeds]
+    except Exception as exc:
+        from pytest_tf2cntk.errors import ConversionError
+
+        raise ConversionError("ONNX Runtime cannot run the graph tf2onnx produced, so it cannot be "
+                              f"used as the reference: {str(exc).strip().splitlines()[0][:400]}",
+                              hint="report it to tf2onnx with the model; try another opset or batch") from None
 
 
 def _worst_difference(name: str, what: str, candidate: onnx.ModelProto, feeds: list[dict],

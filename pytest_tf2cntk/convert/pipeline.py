@@ -14,6 +14,7 @@ from pytest_tf2cntk.codec import Jsonable
 from pytest_tf2cntk.convert.cache import ConversionCache
 from pytest_tf2cntk.convert.options import ConversionOptions
 from pytest_tf2cntk.convert.passes import PassRecord
+from pytest_tf2cntk.convert.repairs import RepairRecord
 from pytest_tf2cntk.convert.tf_model import ModelTensor, TFModel, load_tf_model
 from pytest_tf2cntk.convert.validation import MAX_OPSET, Problem
 from pytest_tf2cntk.errors import ConversionError, ModelLoadError, ValidationError
@@ -36,6 +37,7 @@ class ConversionSummary(Jsonable):
     warnings: list[Problem]
     from_cache: bool
     key: str
+    repairs: list[RepairRecord] = field(default_factory=list)  # the CNTK repairs applied (convert.repairs)
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class CacheMeta(Jsonable):
     outputs: list[ModelTensor] = field(default_factory=list)
     ops: dict[str, int] = field(default_factory=dict)
     passes: list[PassRecord] = field(default_factory=list)
+    repairs: list[RepairRecord] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
     error: dict[str, Any] | None = None  # type, message, hint, problems
     onnx_sha256: str | None = None
@@ -79,6 +82,7 @@ class Conversion:
     seconds: float
     key: str
     layer_scopes: dict[str, str] = field(default_factory=dict)  # TF name scope -> Keras layer (localization)
+    repairs: list[RepairRecord] = field(default_factory=list)  # the CNTK repairs applied
     _onnx: onnx.ModelProto | None = field(default=None, repr=False)
     _tf: TFModel | None = field(default=None, repr=False)
     _twin: Any = field(default=None, repr=False)
@@ -129,7 +133,14 @@ class Conversion:
 
     def summary(self, cntk_onnx: str | os.PathLike | None = None) -> ConversionSummary:
         return ConversionSummary(str(self.onnx_path), str(cntk_onnx or self.onnx_path), self.batch, self.opset,
-                                 dict(self.ops), list(self.passes), list(self.warnings), self.from_cache, self.key)
+                                 dict(self.ops), list(self.passes), list(self.warnings), self.from_cache, self.key,
+                                 list(self.repairs))
+
+    def repairs_text(self) -> str:
+        """The repairs line: "off", "none needed" or "name (nodes changed), ..."."""
+        if self.options.repairs == "off":
+            return "off"
+        return ", ".join(f"{r.name} ({r.changed})" for r in self.repairs) or "none needed"
 
     def report(self) -> str:
         lines = [f"model     {self.source}",
@@ -139,7 +150,8 @@ class Conversion:
                                           for i in self.inputs),
                  "outputs   " + ", ".join(f"{o.name}" for o in self.outputs),
                  "ops       " + ", ".join(f"{k} x{v}" for k, v in self.ops.items()),
-                 "passes    " + (", ".join(f"{p.name} ({p.changed})" for p in self.passes) or "none needed")]
+                 "passes    " + (", ".join(f"{p.name} ({p.changed})" for p in self.passes) or "none needed"),
+                 "repairs   " + self.repairs_text()]
         lines += [f"warning   {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -221,11 +233,12 @@ def convert(path: str | os.PathLike, *, batch: int = _DEFAULTS.batch, opset: int
             signature: str | None = _DEFAULTS.signature, unsafe_load: bool = _DEFAULTS.unsafe_load,
             cache_dir: str | os.PathLike | None = _DEFAULTS.cache_dir, use_cache: bool = True,
             apply_passes: bool = True, progress: Callable[[str], None] | None = None,
-            input_shapes: Any = _DEFAULTS.input_shapes) -> Conversion:
+            input_shapes: Any = _DEFAULTS.input_shapes, repairs: str | bool = _DEFAULTS.repairs) -> Conversion:
     """Convert one model for CNTK. Raises ModelLoadError, ConversionError or ValidationError.
 
     ``input_shapes`` fixes free input dimensions: {name: dims without the batch}, or
-    "name:64x64x3" texts (as --tf2cntk-input-shape takes them)."""
+    "name:64x64x3" texts (as --tf2cntk-input-shape takes them). ``repairs`` ("on"/"off", or a
+    bool): the CNTK repairs (``convert.repairs``), each proved in ONNX Runtime."""
     from pytest_tf2cntk.convert.tf_model import detect_kind
     from pytest_tf2cntk.options import parse_input_shapes
 
@@ -237,17 +250,20 @@ def convert(path: str | os.PathLike, *, batch: int = _DEFAULTS.batch, opset: int
         shapes = parse_input_shapes(input_shapes)
     except ValueError as exc:
         raise ModelLoadError(f"input_shapes: {exc}") from None
-    options = ConversionOptions(batch, opset, signature, unsafe_load, str(cache_dir) if cache_dir else None, shapes)
+    repairs = _on_off(repairs)
+    options = ConversionOptions(batch, opset, signature, unsafe_load, str(cache_dir) if cache_dir else None, shapes,
+                                repairs)
     cache = ConversionCache(Path(cache_dir) if cache_dir else None)
     keyed = {"batch": batch, "opset": opset, "signature": signature, "passes": apply_passes,
-             "unsafe_load": unsafe_load, "input_shapes": [[n, list(d)] for n, d in shapes]}
+             "unsafe_load": unsafe_load, "input_shapes": [[n, list(d)] for n, d in shapes], "repairs": repairs}
     key = cache.key(source, keyed, pipeline_fingerprint())
     started = time.perf_counter()
 
     def from_entry(onnx_path: Path, meta: CacheMeta, hit: bool) -> Conversion:
         meta.raise_error()
         return Conversion(source, onnx_path, options, meta.inputs, meta.outputs, meta.ops, meta.passes,
-                          meta.warnings, hit, time.perf_counter() - started, key, dict(meta.layer_scopes))
+                          meta.warnings, hit, time.perf_counter() - started, key, dict(meta.layer_scopes),
+                          list(meta.repairs))
 
     hit = _cached(cache, key) if use_cache else None
     if hit:
@@ -268,6 +284,18 @@ def convert(path: str | os.PathLike, *, batch: int = _DEFAULTS.batch, opset: int
     result = from_entry(onnx_path, meta, hit=False)
     result._onnx, result._tf = proto, tf_model
     return result
+
+
+def _on_off(value: str | bool) -> str:
+    """``repairs`` as "on" / "off" (the option's text, or a bool from the API)."""
+    from pytest_tf2cntk.options import BY_NAME
+
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    try:
+        return BY_NAME["repairs"].parse(value)
+    except ValueError as exc:
+        raise ModelLoadError(f"repairs: {exc}", hint="pass repairs='on' or 'off'") from None
 
 
 def _cached(cache: ConversionCache, key: str) -> tuple[Path, CacheMeta] | None:
@@ -306,6 +334,9 @@ def _convert_fresh(source: Path, tf_model: TFModel, keyed: dict[str, Any], apply
                 progress("applying CNTK compatibility passes ...")
             proto, applied = run_passes(proto)
             records += applied
+        repairs: list[RepairRecord] = []
+        if keyed["repairs"] == "on":
+            proto, repairs = _repair(proto, progress)
         warnings = validate(proto, str(source))
     except (ConversionError, ValidationError) as exc:
         if opset > MAX_OPSET:
@@ -313,8 +344,25 @@ def _convert_fresh(source: Path, tf_model: TFModel, keyed: dict[str, Any], apply
         error = {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint,
                  "problems": [p.to_json() for p in getattr(exc, "problems", [])]}
         return None, dataclasses.replace(meta, error=error)
-    return proto, dataclasses.replace(meta, ops=op_counts(proto), passes=records, warnings=list(warnings),
+    return proto, dataclasses.replace(meta, ops=op_counts(proto), passes=records,
+                                      repairs=repairs, warnings=list(warnings),
                                       layer_scopes=dict(scopes))
+
+
+def _repair(proto: onnx.ModelProto,
+            progress: Callable[[str], None] | None) -> tuple[onnx.ModelProto, list[RepairRecord]]:
+    """The CNTK repairs, each proved in ORT: the graph and what ran. When none was needed the
+    graph is the one given, byte for byte."""
+    from pytest_tf2cntk.convert.passes import prune_unused
+    from pytest_tf2cntk.convert.repairs import run_repairs
+
+    repaired, records = run_repairs(proto)
+    if not records:
+        return proto, []
+    if progress:
+        progress("applied CNTK repairs: " + ", ".join(f"{r.name} ({r.changed})" for r in records))
+    prune_unused(repaired)  # a repaired node's old inputs may now be dead
+    return repaired, records
 
 
 def _unless_opset_nine_fails(exc: ConversionError | ValidationError, tf_model: TFModel, batch: int,

@@ -59,6 +59,10 @@ UNSUPPORTED_HINTS: dict[str, tuple[str, str]] = {
     "InstanceNormalization": ("CNTK 2.7 does not import InstanceNormalization", HINT_LAYER),
 }
 
+# Marks a Cast to an integer type whose input is already integral (the int_cast_truncation repair):
+# CNTK's pass-through then computes it exactly.
+EXACT_CAST = "tf2cntk repair int_cast_truncation: the input is integral, so CNTK's pass-through is exact"
+
 # Element types CNTK can take as graph inputs (ints and bools arrive as float in CNTK).
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
 _INPUT_TYPES = _FLOAT_TYPES | {onnx.TensorProto.INT32, onnx.TensorProto.INT64, onnx.TensorProto.INT8,
@@ -136,7 +140,7 @@ def _attr_limits(node: onnx.NodeProto, ctx: Context) -> str | None:
             return f"{node.op_type} weights W/R/B must be initializers for CNTK"
         if any(o in ctx.used for o in node.output[1:] if o):
             return f"CNTK builds only Y of {node.op_type}; Y_h/Y_c consumers break"
-    if node.op_type == "Cast" and og.attr(node, "to") not in _FLOAT_TYPES:
+    if node.op_type == "Cast" and og.attr(node, "to") not in _FLOAT_TYPES and node.doc_string != EXACT_CAST:
         return "CNTK makes casts to integer/bool a silent pass-through (no rounding)"
     return None
 

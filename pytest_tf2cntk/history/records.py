@@ -8,6 +8,7 @@ from typing import Any
 
 from pytest_tf2cntk.codec import Jsonable
 from pytest_tf2cntk.convert.passes import PassRecord
+from pytest_tf2cntk.convert.repairs import RepairRecord
 from pytest_tf2cntk.convert.validation import Problem
 from pytest_tf2cntk.parity.localize.report import LayerRow
 from pytest_tf2cntk.parity.result import ParityResult
@@ -72,6 +73,7 @@ class ConversionRecord(Jsonable):
     seconds: float = 0.0
     error: str = ""
     type: str = ""  # the error's class
+    repairs: list[RepairRecord] = field(default_factory=list)  # the CNTK repairs the conversion used
 
 
 @dataclass

@@ -4,7 +4,7 @@ The plugin passes the path (default ``<rootdir>/.tf2cntk/history.sqlite``). One 
 (time, host, git commit, versions of both sides, options), one per model x device x output
 with every metric, optional per-node rows from layerwise localization, and run tags.
 
-Schema (version 4; ``tf2cntk_schema`` holds one row per applied version)::
+Schema (version 5; ``tf2cntk_schema`` holds one row per applied version)::
 
   runs     run_id PK, time (ISO 8601 UTC), time_unix, host, git_commit, passed, exitstatus,
            duration, versions (JSON), options (JSON), and one TEXT column per version key:
@@ -14,7 +14,9 @@ Schema (version 4; ``tf2cntk_schema`` holds one row per applied version)::
            converter_error (TF vs ORT), importer_error (ORT vs CNTK), and since version 3 the
            measured verdict: rule (measured | a-priori budget | user budget), reference (the
            float64 twin, or why none), tf32_error and ort32_error (vs the truth), float32_noise;
-           under the measured rule scaled_error is CNTK vs the truth and budget the limit
+           under the measured rule scaled_error is CNTK vs the truth and budget the limit; since
+           version 5 repairs: the CNTK repairs the conversion used, a JSON list of names ('[]'
+           for none, and for every row written before)
   layers   (run_id, model, device, node) PK, op_type, tf_layer, local_error, budget
   unchecked (run_id, model, device) PK, reason, outcome: the checks that reached no verdict,
            "skipped" (the device cannot be used) or "error" (a worker crash, a timeout, a bad
@@ -61,7 +63,7 @@ from pytest_tf2cntk.parity.result import OutputCheck, ParityResult
 from pytest_tf2cntk.versions import host_versions
 
 APPLICATION_ID = 0x54463243  # "TF2C" in the SQLite header: tells our files from anyone else's
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 SCHEMA_TABLE = "tf2cntk_schema"
 DEFAULT_RELATIVE_PATH = Path(".tf2cntk") / "history.sqlite"
 BUSY_TIMEOUT_S = 10.0  # SQLite waits this long for a lock before reporting "database is locked"
@@ -72,7 +74,7 @@ VERSION_KEYS = HOST_VERSION_KEYS + CNTK_VERSION_KEYS
 RESULT_COLUMNS = ("run_id", "model", "device", "output", "scaled_error", "budget", "headroom", "max_abs",
                   "max_rel", "max_ulp", "cosine", "top1", "stage", "passed", "examples", "unit_roundoff",
                   "budget_overridden", "converter_error", "importer_error", "rule", "reference", "tf32_error",
-                  "ort32_error", "float32_noise")
+                  "ort32_error", "float32_noise", "repairs")
 LAYER_COLUMNS = ("run_id", "model", "device", "node", "op_type", "tf_layer", "local_error", "budget")
 
 T = TypeVar("T")
@@ -136,8 +138,13 @@ def _migrate_3_to_4(con: sqlite3.Connection) -> None:
     con.execute("ALTER TABLE unchecked ADD COLUMN outcome TEXT NOT NULL DEFAULT 'skipped'")
 
 
+def _migrate_4_to_5(con: sqlite3.Connection) -> None:
+    con.execute("ALTER TABLE results ADD COLUMN repairs TEXT NOT NULL DEFAULT '[]'")  # older rows: none
+
+
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _migrate_0_to_1, 1: _migrate_1_to_2,
-                                                               2: _migrate_2_to_3, 3: _migrate_3_to_4}
+                                                               2: _migrate_2_to_3, 3: _migrate_3_to_4,
+                                                               4: _migrate_4_to_5}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,7 +408,7 @@ def _result_row(model: str, r: ParityResult, name: str, o: OutputCheck) -> tuple
             r.examples, _num(b.unit_roundoff), int(bool(b.overridden)),
             _num(o.tf_vs_ort.scaled_error) if o.tf_vs_ort else None,
             _num(o.ort_vs_cntk.scaled_error) if o.ort_vs_cntk else None, o.rule, r.reference,
-            *_truth_columns(o))
+            *_truth_columns(o), json.dumps([x.name for x in r.conversion.repairs]))
 
 
 def _truth_columns(o: OutputCheck) -> tuple:

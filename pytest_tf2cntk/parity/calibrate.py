@@ -189,7 +189,7 @@ def calibrate(model: str | os.PathLike, *, device: str = "cpu", conversion: Conv
     started = time.perf_counter()
     c = conversion or ConversionOptions()
     conv = convert(model, batch=c.batch, opset=c.opset, signature=c.signature, unsafe_load=c.unsafe_load,
-                   cache_dir=c.cache_dir, input_shapes=c.input_shapes)
+                   cache_dir=c.cache_dir, input_shapes=c.input_shapes, repairs=c.repairs)
     configured = BudgetConfig.from_mapping(budgets)
     engine = ParityEngine(conv, device, ParityOptions(budgets=configured, inputs=dict(inputs or {}),
                                                       cntk_python=cntk_python, edge_values=edge_values))

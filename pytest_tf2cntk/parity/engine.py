@@ -276,7 +276,7 @@ _P, _C = ParityOptions(), ConversionOptions()  # the defaults, from the option t
 def check_parity(model_path: str | os.PathLike, device: str = "cpu", max_examples: int = _P.max_examples, *,
                  batch: int = _C.batch, opset: int = _C.opset, signature: str | None = _C.signature,
                  unsafe_load: bool = _C.unsafe_load, cache_dir: str | os.PathLike | None = _C.cache_dir,
-                 input_shapes: Any = _C.input_shapes,
+                 input_shapes: Any = _C.input_shapes, repairs: str | bool = _C.repairs,
                  seed: int | None = _P.seed, derandomize: bool | None = None, reference: str = _P.reference,
                  budgets: BudgetConfig | dict | None = None, budget_scale: float = default("budget_scale"),
                  inputs: dict[str, tuple[float, float]] | None = None, edge_values: bool = _P.edge_values,
@@ -291,7 +291,8 @@ def check_parity(model_path: str | os.PathLike, device: str = "cpu", max_example
     ``budgets`` takes a BudgetConfig or the ``[tool.tf2cntk.budgets]`` mapping; ``inputs`` maps
     input names to (low, high) value ranges; ``cntk_onnx`` evaluates another ONNX file in CNTK
     (e.g. a hand-patched graph) while TF and ONNX Runtime use the converted one; ``input_shapes``
-    fixes free input dimensions ({"image": (64, 64, 3)}, without the batch). With
+    fixes free input dimensions ({"image": (64, 64, 3)}, without the batch); ``repairs`` "off"
+    converts without the CNTK repairs (``convert.repairs``). With
     ``derandomize`` (default: when $CI is set and no seed is given) the examples are the same on
     every run. ``triage``/``layerwise``: "off", "on-failure" or "always" (``Diagnose``).
     """
@@ -303,7 +304,8 @@ def check_parity(model_path: str | os.PathLike, device: str = "cpu", max_example
                                   edge_values=edge_values, allow_nonfinite=allow_nonfinite, cntk_python=cntk_python,
                                   database=database)
     conv = conversion or convert(model_path, batch=batch, opset=opset, signature=signature,
-                                 unsafe_load=unsafe_load, cache_dir=cache_dir, input_shapes=input_shapes)
+                                 unsafe_load=unsafe_load, cache_dir=cache_dir, input_shapes=input_shapes,
+                                 repairs=repairs)
     return run_check(conv, device, options, progress)
 
 

@@ -57,8 +57,10 @@ class ConvertItem(_ModelItem):
         session = session_of(self.config)
         conv = session.conversion(self.model_path, self._progress, check_cntk=True)
         for key, value in (("ops", sum(conv.ops.values())), ("passes", len(conv.passes)),
-                           ("from_cache", conv.from_cache), ("seconds", round(conv.seconds, 3))):
+                           ("repairs", conv.repairs_text()), ("from_cache", conv.from_cache),
+                           ("seconds", round(conv.seconds, 3))):
             self.user_properties.append((f"tf2cntk_convert_{key}", value))
+        self.add_report_section("call", "tf2cntk conversion", conv.report())  # shown with -rP
 
     def _progress(self, msg: str) -> None:
         session_of(self.config).progress(self.config, msg)

@@ -143,7 +143,7 @@ class Tf2CntkSession:
                 self._converted[key] = conv
                 self.run.conversions.append(ConversionRecord(self.rel(key), True, str(conv.onnx_path), conv.ops,
                                                              conv.passes, conv.warnings, conv.from_cache,
-                                                             conv.seconds))
+                                                             conv.seconds, repairs=list(conv.repairs)))
             except Tf2CntkError as exc:
                 self._converted[key] = exc
                 self.run.conversions.append(ConversionRecord(self.rel(key), False, error=str(exc),
@@ -172,7 +172,8 @@ class Tf2CntkSession:
             self._converted[key] = exc
             rel = self.rel(key)
             failed = ConversionRecord(rel, False, str(conv.onnx_path), conv.ops, conv.passes, conv.warnings,
-                                      conv.from_cache, conv.seconds, error=str(exc), type=type(exc).__name__)
+                                      conv.from_cache, conv.seconds, error=str(exc), type=type(exc).__name__,
+                                      repairs=list(conv.repairs))
             done = self.run.conversions
             done[:] = [failed if c.model == rel else c for c in done]  # in place: xdist counts what it sent
             raise

@@ -84,6 +84,11 @@ def write_report(path: Path, report_: RunReport) -> None:
     os.replace(tmp, path)
 
 
+def repair_names(repairs: list[Any]) -> str:
+    """"name (nodes), ..." of the CNTK repairs a conversion used, or "none"."""
+    return ", ".join(f"{r.name} ({r.changed})" for r in repairs) or "none"
+
+
 def junit_properties(record: CheckRecord | None) -> list[tuple[str, Any]]:
     """Key numbers of a parity check for JUnit XML (record_property)."""
     if record is None:
@@ -93,7 +98,8 @@ def junit_properties(record: CheckRecord | None) -> list[tuple[str, Any]]:
             [("tf2cntk_error", record.error_type)] if record.error else [])
     result = record.result
     props: list[tuple[str, Any]] = [("tf2cntk_outcome", record.outcome), ("tf2cntk_passed", result.passed),
-                                    ("tf2cntk_examples", result.examples)]
+                                    ("tf2cntk_examples", result.examples),
+                                    ("tf2cntk_repairs", repair_names(result.conversion.repairs))]
     for name, c in result.outputs.items():
         props += [(f"tf2cntk_{name}_scaled_error", f"{c.scaled_error:.6g}"),
                   (f"tf2cntk_{name}_allowed", f"{c.allowed:.6g}"), (f"tf2cntk_{name}_rule", c.rule),

@@ -55,3 +55,14 @@ def built_apart(builder: str, path: Path) -> Path:
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True, capture_output=True, timeout=300,
                    env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(root)})
     return path
+
+
+def same_avgpool(path: Path, size: int | tuple[int, int] = 5, pool: int = 3, channels: int = 2) -> Path:
+    """Input((H, W, channels), name="image") -> AveragePooling2D(pool, strides 1, padding "same")
+    -> Flatten: windows overhang the map at its border (on a 1x1 or 2x2 map, everywhere)."""
+    keras = _keras()
+    h, w = (size, size) if isinstance(size, int) else size
+    x = keras.Input((h, w, channels), name="image")
+    y = keras.layers.AveragePooling2D(pool, strides=1, padding="same", name="pool")(x)
+    keras.Model(x, keras.layers.Flatten(name="flat")(y)).save(path)
+    return path
