@@ -64,6 +64,20 @@ def test_convert_cli_reports_and_loads_in_cntk(tmp_path: Path) -> None:
     assert out.stat().st_size > 1000
 
 
+@pytest.mark.needs_cntk
+def test_convert_cli_lists_repairs_and_takes_repairs_off(tmp_path: Path) -> None:
+    cache = ("--cache-dir", str(tmp_path / "c"))
+    on = run("convert", str(FIXTURES / "quantized.keras"), *cache)
+    assert on.returncode == 0, on.stderr
+    assert "repairs   int_cast_truncation (1)" in on.stdout and "warning" not in on.stdout
+    off = run("convert", str(FIXTURES / "quantized.keras"), "--repairs", "off", *cache)
+    assert off.returncode == 0 and "repairs   off" in off.stdout and "warning   warning: Cast" in off.stdout
+    none = run("convert", str(FIXTURES / "mlp.keras"), "--no-load", *cache)
+    assert "repairs   none needed" in none.stdout
+    bad = run("convert", str(FIXTURES / "mlp.keras"), "--repairs", "maybe", *cache)
+    assert bad.returncode == 2 and "must be one of on, off" in bad.stderr and "Traceback" not in bad.stderr
+
+
 BLOCKED = ("import sys\n"
            "for name in {blocked!r}: sys.modules[name] = None  # importing it now raises ImportError\n"
            "from pytest_tf2cntk.cli import main\n"

@@ -12,6 +12,7 @@ from tests.support.paths import FIXTURES
 pytest_plugins = ["pytester"]
 pytestmark = pytest.mark.needs_cntk
 QUIET = ("-p", "no:cacheprovider", "--tf2cntk-max-examples=5")
+RAW = "--tf2cntk-repairs=off"  # quantized.keras keeps CNTK's Cast defect: the known-bad conversion
 
 
 @pytest.fixture
@@ -92,7 +93,7 @@ def test_user_tests_with_fixtures_marker_and_assert_parity(project: pytest.Pytes
         def test_fails_readably(tf2cntk_model):
             assert_parity(tf2cntk_model, "cpu", max_examples=5)
     ''')
-    result = project.runpytest_subprocess("-p", "no:cacheprovider")
+    result = project.runpytest_subprocess("-p", "no:cacheprovider", RAW)
     result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines(["*ParityFailure: tf2cntk parity FAILED*quantized.keras on cpu*",
                                  "*output 'y' failed: error * vs the float64 truth is *x the float32 noise *",
@@ -103,7 +104,7 @@ def test_user_tests_with_fixtures_marker_and_assert_parity(project: pytest.Pytes
 
 def test_failing_model_gives_exit_1_and_a_readable_failure(project: pytest.Pytester) -> None:
     result = project.runpytest_subprocess("--tf2cntk-model=quantized.keras", "--tf2cntk-devices=cpu",
-                                          "--junitxml=junit.xml", *QUIET)
+                                          "--junitxml=junit.xml", RAW, *QUIET)
     assert result.ret == 1
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines([
@@ -122,6 +123,33 @@ def test_failing_model_gives_exit_1_and_a_readable_failure(project: pytest.Pytes
     assert props["tf2cntk_passed"] == "False" and float(props["tf2cntk_y_scaled_error"]) > 0.01
     assert props["tf2cntk_y_rule"] == "measured" and float(props["tf2cntk_y_noise_ratio"]) > 1e4
     assert props["tf2cntk_reproducer"].endswith(".npz")
+
+
+def test_repairs_make_quantized_pass_and_off_shows_the_raw_cntk_defect(project: pytest.Pytester) -> None:
+    args = ("--tf2cntk-model=quantized.keras", "--tf2cntk-devices=cpu", "--junitxml=junit.xml",
+            "--tf2cntk-report=report.json", "--tf2cntk-history=h.sqlite", "-rP", *QUIET)
+    repaired = project.runpytest_subprocess(*args)
+    repaired.assert_outcomes(passed=2)
+    repaired.stdout.fnmatch_lines(["*tf2cntk conversion*", "repairs   int_cast_truncation (1)",
+                                   "*quantized.keras*cpu*y*PASS*"])
+    props = [(p.get("name"), p.get("value")) for p in ET.parse(project.path / "junit.xml").iter("property")]
+    assert ("tf2cntk_convert_repairs", "int_cast_truncation (1)") in props
+    assert ("tf2cntk_repairs", "int_cast_truncation (1)") in props
+    report = json.loads((project.path / "report.json").read_text())
+    used = report["conversions"][0]["repairs"][0]
+    assert used["name"] == "int_cast_truncation" and "ORT max |diff| 0" in used["proof"] and used["defect"]
+    assert report["results"][0]["result"]["conversion"]["repairs"][0]["name"] == "int_cast_truncation"
+    from pytest_tf2cntk.history.frame import load_history
+
+    assert load_history(project.path / "h.sqlite")["repairs"].tolist() == ['["int_cast_truncation"]']
+
+    raw = project.runpytest_subprocess(*args, RAW)  # exactly today's failure
+    assert raw.ret == 1
+    raw.assert_outcomes(passed=1, failed=1)
+    raw.stdout.fnmatch_lines(["tf2cntk parity FAILED: *quantized.keras on cpu*",
+                              "*stage: CNTK importer/runtime (ONNX -> CNTK)*", "repairs   off",
+                              "*quantized.keras*cpu*y*FAIL (CNTK importer/runtime*"])
+    assert load_history(project.path / "h.sqlite")["repairs"].tolist()[-1] == "[]"
 
 
 def test_conversion_failure_fails_parity_items_with_its_message(project: pytest.Pytester) -> None:
@@ -237,7 +265,7 @@ def test_history_records_runs_and_drift_fails_within_budget(project: pytest.Pyte
 
 
 def test_last_failed_and_exitfirst_select_model_items(project: pytest.Pytester) -> None:
-    args = ("--tf2cntk-model=mlp.keras", "--tf2cntk-model=quantized.keras", "--tf2cntk-devices=cpu",
+    args = ("--tf2cntk-model=mlp.keras", "--tf2cntk-model=quantized.keras", "--tf2cntk-devices=cpu", RAW,
             "--tf2cntk-max-examples=3", "--tf2cntk-no-history")
     project.runpytest_subprocess(*args).assert_outcomes(passed=3, failed=1)
     again = project.runpytest_subprocess(*args, "--lf", "-v")

@@ -66,7 +66,8 @@ def test_planted_fault_is_caught_named_and_replayable(tmp_path: Path, planted_fa
 
 
 def test_known_bad_conversion_fails_with_cntk_stage(tmp_path: Path) -> None:
-    result = check_parity(FIXTURES / "quantized.keras", "cpu", 10, batch=4, seed=0, reproducer_dir=tmp_path)
+    result = check_parity(FIXTURES / "quantized.keras", "cpu", 10, batch=4, seed=0, reproducer_dir=tmp_path,
+                          repairs="off")  # the raw CNTK defect
     assert not result.passed
     check = result.outputs["y"]
     assert check.stage == STAGE_CNTK
