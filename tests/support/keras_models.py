@@ -48,3 +48,15 @@ def dilated_conv(directory: Path) -> Path:
         x = keras.Input((12, 12, 3), name="image")
         return keras.Model(x, L.Conv2D(4, 3, dilation_rate=2, name="atrous")(x))
     return _build(Path(directory) / "dilated_conv.keras", make, 13)
+
+
+def mixed_batch_concat(directory: Path) -> Path:
+    """A Concatenate of a Conv2D branch (CNTK: free batch) and a Dense -> Reshape branch (CNTK:
+    static batch): CNTK refuses it at batch > 1 ("Splice: Conflicting dimensionality of axis")."""
+    def make(keras, L):
+        x = keras.Input((4, 4, 3), name="image")
+        conv = L.Conv2D(5, 1, name="conv")(x)
+        dense = L.Reshape((4, 4, 2), name="unflatten")(_dense(L, 32, "dense")(L.Flatten(name="flat")(x)))
+        return keras.Model(x, L.Concatenate(name="join")([conv, dense]))
+    return _build(Path(directory) / "mixed_batch_concat.keras", make, 14)
+

@@ -14,6 +14,7 @@ FIXTURES = ROOT / "fixtures"
 APPLICATIONS = {
     "mobilenetv2_96": ("MobileNetV2", (96, 96, 3)),
     "resnet50_64": ("ResNet50", (64, 64, 3)),
+    "inceptionv3_75": ("InceptionV3", (75, 75, 3)),  # its smallest input: 1x1 maps in the last blocks
 }
 
 

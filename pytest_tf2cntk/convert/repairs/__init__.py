@@ -72,3 +72,6 @@ def run_repairs(model: onnx.ModelProto, prove: bool = True, seed: int = 0,
 from pytest_tf2cntk.convert.repairs import int_cast  # noqa: E402,F401
 from pytest_tf2cntk.convert.repairs import avgpool_border  # noqa: E402,F401
 from pytest_tf2cntk.convert.repairs import recurrent  # noqa: E402,F401
+from pytest_tf2cntk.convert.repairs import concat  # noqa: E402,F401
+from pytest_tf2cntk.convert.repairs import slice_ends  # noqa: E402,F401
+from pytest_tf2cntk.convert.repairs import dilation  # noqa: E402,F401
