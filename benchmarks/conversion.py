@@ -1,17 +1,21 @@
-"""Conversion time: cold (fresh cache dir) vs cache hit, per fixture and for MobileNetV2 96x96.
+"""Conversion time: cold (fresh cache dir) with and without the CNTK repairs vs cache hit, per
+fixture, for MobileNetV2 96x96 and for InceptionV3 75x75 at batch 1 and 2.
 
     .venv/bin/python benchmarks/conversion.py [--quick]
 
 In one warm process (TensorFlow, Keras and tf2onnx imported before timing; their import time is
 reported on its own), for each model:
   cold           convert(path, batch, cache_dir=<fresh temp dir>): load the model, tf2onnx, passes
-                 (with their numeric proofs), validation, cache write. Median of --cold runs.
+                 and repairs (with their numeric proofs), validation, cache write. Median of --cold
+                 runs (one for InceptionV3).
+  cold, off      the same with repairs="off" (--tf2cntk-repairs=off): what the repairs cost.
   hit            convert() again on the filled cache: key (hash of the model files, options,
                  versions, pipeline), metadata read, ONNX checksum. Median of --hits runs.
   hit, new proc  the same hit from a fresh interpreter (what a new pytest session pays), and
                  whether it imported TensorFlow (it should not).
-Fixtures at the batch the tests use (4; the LSTM at 1), MobileNetV2 at batch 1. A fixture that
-cannot be converted (gru) is timed too: its error is cached like a result.
+Fixtures at the batch the tests use (4 where CNTK takes it), MobileNetV2 at batch 1. A model
+that cannot be converted (without repairs: gru, InceptionV3 at batch 2) is timed too: its error
+is cached like a result.
 Writes results/conversion.json (conversion_quick.json with --quick).
 """
 from __future__ import annotations
@@ -67,16 +71,24 @@ def models() -> list[tuple[str, Callable[[], Path], int]]:
         from tests.support.zoo import application_model
         return application_model("mobilenetv2_96")
 
+    def inception() -> Path:
+        from tests.support.zoo import application_model
+        return application_model("inceptionv3_75")
+
     out.append(("mobilenetv2_96", mobilenet, 1))
+    out += [("inceptionv3_75", inception, 1), ("inceptionv3_75", inception, 2)]
     return out
 
 
-def timed_convert(path: Path, batch: int, cache_dir: Path) -> tuple[float, Any]:
+HEAVY = {"inceptionv3_75"}  # ~20 s a conversion: one cold run each way
+
+
+def timed_convert(path: Path, batch: int, cache_dir: Path, repairs: str = "on") -> tuple[float, Any]:
     from pytest_tf2cntk.convert.pipeline import convert
 
     t0 = time.perf_counter()
     try:
-        conv = convert(path, batch=batch, cache_dir=cache_dir)
+        conv = convert(path, batch=batch, cache_dir=cache_dir, repairs=repairs)
         status: Any = conv
     except Exception as exc:  # noqa: BLE001 (a fixture that cannot convert: its error is cached too)
         status = exc
@@ -110,11 +122,13 @@ def main() -> int:
         timed_convert(ROOT / "fixtures" / "mlp.keras", 4, Path(tmp) / "warmup")
         for name, get_path, batch in models():
             path = get_path()
-            cold, status = [], None
-            for k in range(n_cold):
-                seconds, status = timed_convert(path, batch, Path(tmp) / f"{name}-cold{k}")
+            cold, cold_off, status, status_off = [], [], None, None
+            for k in range(1 if name in HEAVY else n_cold):
+                seconds, status = timed_convert(path, batch, Path(tmp) / f"{name}-{batch}-cold{k}")
                 cold.append(seconds)
-            cache = Path(tmp) / f"{name}-cold0"
+                seconds, status_off = timed_convert(path, batch, Path(tmp) / f"{name}-{batch}-off{k}", "off")
+                cold_off.append(seconds)
+            cache = Path(tmp) / f"{name}-{batch}-cold0"
             hits = []
             for _ in range(n_hits):
                 seconds, hit = timed_convert(path, batch, cache)
@@ -133,14 +147,21 @@ def main() -> int:
                    "status": "ok" if not isinstance(status, Exception) else
                    f"{type(status).__name__} (cached error)",
                    "onnx_bytes": status.onnx_path.stat().st_size if not isinstance(status, Exception) else None,
-                   "passes": [p["name"] for p in status.passes] if not isinstance(status, Exception) else [],
+                   "status_repairs_off": "ok" if not isinstance(status_off, Exception) else
+                   f"{type(status_off).__name__} (cached error)",
+                   "passes": [p.name for p in status.passes] if not isinstance(status, Exception) else [],
+                   "repairs": [f"{r.name} ({r.changed})" for r in status.repairs]
+                   if not isinstance(status, Exception) else [],
                    "cold_ms": [s * 1e3 for s in cold], "hit_ms": [s * 1e3 for s in hits],
                    "cold_median_ms": statistics.median(cold) * 1e3,
+                   "cold_off_ms": [s * 1e3 for s in cold_off],
+                   "cold_off_median_ms": statistics.median(cold_off) * 1e3,
                    "hit_median_ms": statistics.median(hits) * 1e3,
                    "hit_fresh_process": fresh}
             row["speedup"] = row["cold_median_ms"] / row["hit_median_ms"]
             rows.append(row)
-            log(f"{name}: cold {row['cold_median_ms']:.0f} ms, hit {row['hit_median_ms']:.1f} ms, "
+            log(f"{name} b{batch}: cold {row['cold_median_ms']:.0f} ms (repairs off "
+                f"{row['cold_off_median_ms']:.0f} ms), hit {row['hit_median_ms']:.1f} ms, "
                 f"fresh-process hit {fresh.get('hit_ms', float('nan')):.1f} ms "
                 f"(TF imported: {fresh.get('imported_tensorflow')})")
     data = {"date": time.strftime("%Y-%m-%d %H:%M"), "quick": args.quick,
@@ -149,12 +170,14 @@ def main() -> int:
             "cold_runs": n_cold, "hit_runs": n_hits, "results": rows}
     lines = [(f"# Conversion time ({data['date']}; median of {n_cold} cold, {n_hits} hits; "
              f"TF import {imports['tensorflow_ms']:.0f} ms not included)"), "",
-             ("| model | batch | status | cold | cache hit | speedup | hit, new process (+ package import) "
-             "| new process imports TF |"), "|---|---|---|---|---|---|---|---|"]
+             ("| model | batch | status | repairs | cold | cold, repairs off (status) | cache hit | speedup "
+              "| hit, new process (+ package import) | new process imports TF |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = r["hit_fresh_process"]
         fresh_txt = (f"{f['hit_ms']:.1f} ms (+{f['import_ms']:.0f} ms)" if "hit_ms" in f else "error")
-        lines.append(f"| {r['model']} | {r['batch']} | {r['status']} | {r['cold_median_ms']:.0f} ms "
+        lines.append(f"| {r['model']} | {r['batch']} | {r['status']} | {', '.join(r['repairs']) or '-'} "
+                     f"| {r['cold_median_ms']:.0f} ms | {r['cold_off_median_ms']:.0f} ms ({r['status_repairs_off']}) "
                      f"| {r['hit_median_ms']:.1f} ms | {r['speedup']:.0f}x | {fresh_txt} "
                      f"| {'yes' if f.get('imported_tensorflow') else 'no'} |")
     md = "\n".join(lines)

@@ -22,6 +22,9 @@ _INDEX_PASSTHROUGH = {"Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze", "Fl
 # ...and, once it is an integer, the arithmetic of the wrap of negative ids Keras puts in front
 # of every Gather (where(ids < 0, ids + vocab, ids), at opset 9 as masks times ids plus ...)
 _INDEX_WRAP = {"Add", "Mul", "Where"}
+# Nodes of the int_cast repair's truncation (Max, Min, Floor, ..., Add, then the Cast) are named
+# with this mark: a float id truncated on its way to a Gather is still that Gather's id.
+TRUNCATION_MARK = "__trunc_"
 _INT_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
               onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64}
 
@@ -63,7 +66,8 @@ def _gather_vocab(model: onnx.ModelProto, tensor: str, integer: bool) -> int | N
                         vocabs.append(int(dims[axis]))
             elif node.op_type == "Cast":
                 frontier.extend((t, og.attr(node, "to", 0) in _INT_TYPES) for t in node.output)
-            elif node.op_type in _INDEX_PASSTHROUGH or (is_int and node.op_type in _INDEX_WRAP):
+            elif (node.op_type in _INDEX_PASSTHROUGH or (is_int and node.op_type in _INDEX_WRAP)
+                  or TRUNCATION_MARK in node.name):
                 frontier.extend((t, is_int) for t in node.output)
     return min(vocabs) if vocabs else None
 

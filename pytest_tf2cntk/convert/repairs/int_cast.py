@@ -22,6 +22,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from pytest_tf2cntk.convert import onnx_graph as og
+from pytest_tf2cntk.convert.domains import TRUNCATION_MARK
 from pytest_tf2cntk.convert.repairs import REPAIRS, REPAIRS_OFF_HINT, Repair
 from pytest_tf2cntk.convert.validation import EXACT_CAST
 
@@ -56,7 +57,7 @@ def truncation_nodes(model: onnx.ModelProto, cast: onnx.NodeProto, float_type: i
     base = cast.name or y
 
     def name(part: str) -> str:
-        return og.unique_name(model, f"{base}__trunc_{part}")
+        return og.unique_name(model, f"{base}{TRUNCATION_MARK}{part}")
 
     names = {p: name(p) for p in ("low", "high", "zero", "lo", "c", "floor", "neg", "frac", "both", "step", "t")}
     for part, value in (("low", low), ("high", high), ("zero", 0)):
