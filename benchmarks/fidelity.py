@@ -950,7 +950,8 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_model(spec: ModelSpec, cfg: dict[str, Any], data: dict[str, Any], seen: dict[str, str], tmp: Path) -> None:
     t0 = time.perf_counter()
-    conv = convert(spec.path(), batch=spec.batch)
+    # a known-bad fixture shows CNTK's raw defect: without the repair that fixes it
+    conv = convert(spec.path(), batch=spec.batch, repairs="off" if spec.known_bad else "on")
     log(f"{spec.name}: batch {spec.batch}, conversion {'cached' if conv.from_cache else 'fresh'} ({conv.seconds:.1f} s)")
     if spec.known_bad:
         kb = known_bad(spec, conv, 0, cfg["det_examples"], cfg["fixed"], tmp)
