@@ -29,7 +29,7 @@ def is_chatter(line: str) -> bool:
 
 def tensorflow() -> Any:
     """``import tensorflow``, quietly the first time in this process."""
-    if "tensorflow" in sys.modules:
+    if sys.modules.get("tensorflow") is not None:  # None: blocked, and importing raises ImportError
         return sys.modules["tensorflow"]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with _filtered_stderr():

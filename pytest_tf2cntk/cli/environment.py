@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pytest_tf2cntk.options import CNTK, add_arguments
 from pytest_tf2cntk.tables import text_table
+from pytest_tf2cntk.tf_import import tensorflow
 
 HOST_PACKAGES = ("numpy", "tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime", "hypothesis", "pandas")
 _CNTK_SNIPPET = r"""
@@ -61,7 +62,7 @@ def host_rows() -> list[Row]:
 
 def _tf_devices() -> list[Row]:
     try:
-        import tensorflow as tf
+        tf = tensorflow()
 
         gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
         return [("host", "TF devices", ", ".join(["cpu"] + gpus), "GPU: none visible" if not gpus else "")]
@@ -98,9 +99,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from pytest_tf2cntk.cntk import env
     from pytest_tf2cntk.errors import Tf2CntkError
 
-    from pytest_tf2cntk.tf_import import tensorflow
-
-    tensorflow()  # quietly: its start-up lines are not the doctor's findings
+    try:
+        tensorflow()  # quietly: its start-up lines are not the doctor's findings
+    except Exception:
+        pass  # a broken TensorFlow is a MISSING row of host_rows, with the fix
     rows = host_rows()
     problems = [f"{r[1]} cannot be imported on the host ({r[3]}): pip install {r[1]}"
                 for r in rows if r[2] == "MISSING"]

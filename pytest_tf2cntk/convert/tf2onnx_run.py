@@ -20,6 +20,7 @@ import onnx
 from pytest_tf2cntk.convert import onnx_graph as og
 from pytest_tf2cntk.convert.validation import MAX_OPSET
 from pytest_tf2cntk.errors import ConversionError
+from pytest_tf2cntk.tf_import import tensorflow
 
 _NOT_SUPPORTED = re.compile(r"Tensorflow op \[(?P<node>.+): (?P<op>[^\]]+)\] is not supported")
 _FAILED = re.compile(r"Failed to convert node '(?P<node>[^']+)'.*?OP=(?P<op>\w+)", re.S)
@@ -63,7 +64,7 @@ def captured_log() -> Iterator[LogCapture]:
 
 def run_tf2onnx(fn: Callable, specs: list, opset: int) -> onnx.ModelProto:
     """The ONNX graph of a tf.function; graph inputs are the function's own arguments only."""
-    import tensorflow as tf
+    tf = tensorflow()
     import tf2onnx.convert
     from tf2onnx import tf_loader
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
@@ -166,6 +167,7 @@ def _is_onnx_op(op_type: str, opset: int) -> bool:
 
 def _converters(op: str) -> dict[int, Any]:
     """Opset -> the tf2onnx converter that handles ``op`` there (each holds until the next)."""
+    tensorflow()  # tf2onnx imports it: quietly
     from tf2onnx.handler import tf_op
 
     table = tf_op.get_opsets().get("", [])

@@ -16,6 +16,7 @@ import numpy as np
 
 from pytest_tf2cntk.codec import Jsonable
 from pytest_tf2cntk.errors import ModelLoadError
+from pytest_tf2cntk.tf_import import tensorflow
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 DEFAULT_SIGNATURE = "serving_default"
@@ -98,7 +99,7 @@ class TFModel:
 
     def run(self, feeds: dict[str, np.ndarray], device: str = "cpu") -> dict[str, np.ndarray]:
         """Inference (training=False) on ``device`` ('cpu', 'gpu', 'gpu:N')."""
-        import tensorflow as tf
+        tf = tensorflow()
 
         key = (device,) + tuple((i.name, feeds[i.name].shape) for i in self.inputs)
         fn = self._compiled.get(key)
@@ -110,7 +111,7 @@ class TFModel:
         return {name: np.asarray(value) for name, value in zip([o.name for o in self.outputs], result)}
 
     def _trace(self, key: tuple, device: str) -> Callable:
-        import tensorflow as tf
+        tf = tensorflow()
 
         specs = [tf.TensorSpec(shape, tf.as_dtype(i.dtype), name=i.name)
                  for i, (_, shape) in zip(self.inputs, key[1:])]
@@ -133,7 +134,7 @@ class TFModel:
 
     def tf_function(self, batch: int | None) -> tuple[Callable, list]:
         """A tf.function and its signature for tf2onnx.convert.from_function; batch None = free."""
-        import tensorflow as tf
+        tf = tensorflow()
 
         shapes = [i.with_batch(batch) if batch else (None,) + i.with_batch(1)[1:] for i in self.inputs]
         key = ("cpu",) + tuple((i.name, s) for i, s in zip(self.inputs, shapes))
@@ -183,7 +184,7 @@ def _model_layers(model: Any) -> Iterator[Any]:
 def _noting_scope(method: Callable, name: str, scopes: dict[str, str]) -> Callable:
     import functools
 
-    import tensorflow as tf
+    tf = tensorflow()
 
     @functools.wraps(method)
     def call(*args: Any, **kwargs: Any) -> Any:
@@ -284,8 +285,6 @@ def _load_tf_model(path: Path, signature: str | None, unsafe_load: bool) -> TFMo
     kind = detect_kind(path)
     if path.name == "saved_model.pb":
         path = path.parent
-    from pytest_tf2cntk.tf_import import tensorflow
-
     tensorflow()  # quietly, before anything else imports it
     import logging
 
@@ -325,7 +324,7 @@ def _load_keras(path: Path, kind: str, unsafe_load: bool) -> TFModel:
 
 
 def _load_savedmodel(path: Path, signature: str) -> TFModel:
-    import tensorflow as tf
+    tf = tensorflow()
 
     try:
         loaded = tf.saved_model.load(str(path))
@@ -357,7 +356,7 @@ def _load_savedmodel(path: Path, signature: str) -> TFModel:
 
 
 def _tensor_info(name: str, dtype: Any, shape: Any, path: Path) -> ModelTensor:
-    import tensorflow as tf
+    tf = tensorflow()
 
     tf_dtype = tf.as_dtype(dtype)
     if tf_dtype in (tf.string, tf.variant, tf.resource) or not (

@@ -34,6 +34,7 @@ from pytest_tf2cntk.parity.result import Evaluation, OutputCheck, ParityResult
 from pytest_tf2cntk.parity.runners import CNTKRunner, OrtRunner, TFRunner
 from pytest_tf2cntk.parity.search import Search, SearchOutcome, add_to_run
 from pytest_tf2cntk.parity.truth import PARAM_ROUNDING, error_vs_truth, truth_check
+from pytest_tf2cntk.tf_import import tensorflow
 from pytest_tf2cntk.versions import host_versions
 
 LAYERWISE_TIME_BUDGET = 120.0  # seconds an automatic localization after a failure may take
@@ -104,7 +105,7 @@ class ParityEngine:
         try:
             if self.device == "cpu" or not self.twin.independent:
                 return self.twin.run(feeds)
-            import tensorflow as tf
+            tf = tensorflow()
 
             with tf.device("/CPU:0"):  # the truth never depends on a GPU's kernels (TF32, cuDNN's choices)
                 return self.twin.run(feeds)

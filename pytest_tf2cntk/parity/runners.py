@@ -18,6 +18,7 @@ import onnx
 from pytest_tf2cntk.convert.tf_model import TFModel
 from pytest_tf2cntk.devices import normalize_device
 from pytest_tf2cntk.errors import DeviceUnavailable
+from pytest_tf2cntk.tf_import import tensorflow
 
 Feeds = dict[str, np.ndarray]
 
@@ -50,8 +51,6 @@ class TFRunner:
 
 
 def _check_tf_gpu(device: str, allow_tf32: bool) -> None:
-    from pytest_tf2cntk.tf_import import tensorflow
-
     tf = tensorflow()
 
     gpus = tf.config.list_physical_devices("GPU")

@@ -71,7 +71,8 @@ def test_convert_cli_lists_repairs_and_takes_repairs_off(tmp_path: Path) -> None
     assert on.returncode == 0, on.stderr
     assert "repairs   int_cast_truncation (1)" in on.stdout and "warning" not in on.stdout
     off = run("convert", str(FIXTURES / "quantized.keras"), "--repairs", "off", *cache)
-    assert off.returncode == 0 and "repairs   off" in off.stdout and "warning   Cast" in off.stdout
+    assert off.returncode == 0 and "repairs   off" in off.stdout and "warning   Cast '" in off.stdout
+    assert "warning   warning" not in off.stdout  # the column says it once
     none = run("convert", str(FIXTURES / "mlp.keras"), "--no-load", *cache)
     assert "repairs   none needed" in none.stdout
     bad = run("convert", str(FIXTURES / "mlp.keras"), "--repairs", "maybe", *cache)
@@ -144,3 +145,68 @@ def test_check_takes_input_shape_and_refuses_a_bad_one_in_one_paragraph(tmp_path
     syntax = run("convert", model, "--no-load", "--input-shape", "image:12x12", "--input-shape", "image:9x9",
                  cwd=tmp_path)
     assert syntax.returncode == 2 and "--input-shape: input 'image' is given two shapes" in syntax.stderr
+
+
+def _two_runs(path: Path) -> None:
+    from pytest_tf2cntk.history import store
+    from tests.support.synthetic import make_result, make_run
+
+    for i in range(2):
+        store.record_run(path, make_run(i), [make_result("nets/pnet.keras", "cpu", {"prob": 1e-7})])
+
+
+def test_tag_refuses_to_move_a_tag_without_force(tmp_path: Path) -> None:
+    history = ("--history", str(tmp_path / "h.sqlite"))
+    _two_runs(tmp_path / "h.sqlite")
+    assert run("tag", "1", "release", *history).returncode == 0
+    refused = run("tag", "2", "release", *history)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "tag 'release' already names run 1" in refused.stderr, refused.stderr
+    assert "tf2cntk tag 2 release --force" in refused.stderr
+    assert run("runs", *history).stdout.splitlines()[-1].endswith("release")  # still on run 1 (oldest, last)
+    moved = run("tag", "2", "release", "--force", *history)
+    assert moved.returncode == 0 and "moved from run 1" in moved.stdout, moved.stdout + moved.stderr
+    assert run("runs", *history).stdout.splitlines()[1].endswith("release")  # now on run 2 (newest, first)
+
+
+def test_report_of_a_model_the_history_does_not_have_is_exit_2_with_a_did_you_mean(tmp_path: Path) -> None:
+    history = ("--history", str(tmp_path / "h.sqlite"))
+    _two_runs(tmp_path / "h.sqlite")
+    out = tmp_path / "r.md"
+    typo = run("report", "--model", "nets/pnte.keras", "-o", str(out), *history)
+    assert typo.returncode == 2 and "Traceback" not in typo.stderr and not out.exists()
+    assert "--model 'nets/pnte.keras' matches no model" in typo.stderr, typo.stderr
+    assert "did you mean 'nets/pnet.keras'?" in typo.stderr and "The history has: nets/pnet.keras." in typo.stderr
+    part = run("report", "--model", "pnet", "-o", str(out), *history)
+    assert part.returncode == 0 and "nets/pnet.keras" in out.read_text(), part.stderr
+
+
+@pytest.mark.needs_cntk
+def test_calibrate_proposes_a_table_that_pytest_applies_to_that_model_only(tmp_path: Path) -> None:
+    """Two copies of one model share the output name 'probs': the budget calibrate proposes for
+    nets/a.keras decides that model's check ("user budget") and leaves nets/b.keras on the
+    measured rule."""
+    import json
+    import shutil
+    import tomllib
+
+    (tmp_path / "nets").mkdir()
+    for name in ("a.keras", "b.keras"):
+        shutil.copy(FIXTURES / "mlp.keras", tmp_path / "nets" / name)
+    (tmp_path / "pyproject.toml").write_text("[tool.tf2cntk]\nbatch = 2\n")
+    cache = ("--cache-dir", str(tmp_path / "cache"))
+    cal = run("calibrate", "nets/a.keras", "--seeds", "1", "--examples", "3", "--margin", "50", *cache, cwd=tmp_path)
+    assert cal.returncode == 0, cal.stdout + cal.stderr
+    proposed = tomllib.loads(cal.stdout)["tool"]["tf2cntk"]["budgets"]["models"]["nets/a.keras"]["outputs"]["probs"]
+    with (tmp_path / "pyproject.toml").open("a") as f:
+        f.write(cal.stdout)  # pasted as calibrate says
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--tf2cntk-model=nets/a.keras",
+                           "--tf2cntk-model=nets/b.keras", "--tf2cntk-devices=cpu", "--tf2cntk-max-examples=3",
+                           "--tf2cntk-report=report.json", "--tf2cntk-no-history", "--tf2cntk-cache-dir=cache"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    checks = {r["model"]: r["result"]["outputs"]["probs"] for r in json.loads((tmp_path / "report.json").read_text())["results"]}
+    assert checks["nets/a.keras"]["rule"] == "user budget", checks["nets/a.keras"]
+    assert checks["nets/a.keras"]["budget"]["value"] == proposed
+    assert checks["nets/b.keras"]["rule"] != "user budget" and checks["nets/b.keras"]["budget"]["value"] != proposed

@@ -299,3 +299,26 @@ def test_fully_convolutional_model_needs_and_takes_a_fixed_input_shape(pytester:
     bad = pytester.runpytest_subprocess(*args, "--tf2cntk-input-shape=image=16x16x3")
     assert bad.ret == 4
     bad.stderr.fnmatch_lines(["*pytest-tf2cntk: --tf2cntk-input-shape: 'image=16x16x3' is not NAME:SHAPE*"])
+
+
+def test_tensorflow_start_up_lines_are_in_no_output_nor_captured_stderr(project: pytest.Pytester,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no TF_CPP_MIN_LOG_LEVEL set (as a user's shell has it), TF's C++ start-up lines
+    ("oneDNN custom operations are on", absl's "All log messages before absl::InitializeLog()")
+    appear neither on the terminal nor in any test's captured stderr (-rA prints every one)."""
+    from pytest_tf2cntk.tf_import import is_chatter
+
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+    project.makepyfile(test_mine="""
+        import sys
+
+        def test_writes_stderr(tf2cntk_model):
+            sys.stderr.write("mine on stderr\\n")  # this section must show, and only this
+    """)
+    project.makeini("[pytest]\ntf2cntk_models = mlp.keras\n")
+    result = project.runpytest_subprocess("-rA", "--tf2cntk-devices=cpu", "--tf2cntk-no-history", *QUIET)
+    result.assert_outcomes(passed=3)
+    text = result.stdout.str() + result.stderr.str()
+    assert "Captured stderr call" in text and "mine on stderr" in text  # captured stderr is printed
+    assert not [line for line in text.splitlines() if is_chatter(line)], text
+    assert "oneDNN" not in text and "absl" not in text and "cuDNN factory" not in text, text

@@ -1,14 +1,15 @@
 """Small Keras models built on the fly for cases no fixture covers (saved once per directory)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable
+
+from pytest_tf2cntk.tf_import import tensorflow
 
 
 def _build(path: Path, make: Callable[[object, object], object], seed: int) -> Path:
     if not path.exists():
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        tensorflow()  # quietly, before keras imports it
         import keras
 
         keras.utils.set_random_seed(seed)

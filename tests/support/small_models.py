@@ -4,9 +4,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pytest_tf2cntk.tf_import import tensorflow
+
 
 def _keras():  # noqa: ANN202
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    tensorflow()  # quietly, before keras imports it
     import keras
 
     keras.utils.set_random_seed(7)

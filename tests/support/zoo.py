@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pytest_tf2cntk.tf_import import tensorflow
+
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "fixtures"
 # (constructor, input shape) at small input sizes so that a 2-core CI machine copes
@@ -30,7 +32,7 @@ def application_model(name: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if not path.exists():
-            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+            tensorflow()  # quietly, before keras imports it
             import keras
 
             keras.utils.set_random_seed(1234)

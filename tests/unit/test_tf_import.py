@@ -1,9 +1,11 @@
 """TensorFlow's C++ start-up chatter stays off stderr; anything else written there still shows."""
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from pytest_tf2cntk import tf_import
 
@@ -29,3 +31,14 @@ def test_the_first_import_in_a_process_is_quiet() -> None:
     assert done.returncode == 0 and done.stdout.strip() == "4.0", done.stderr
     assert not [line for line in done.stderr.splitlines() if tf_import.is_chatter(line)], done.stderr
     assert "absl" not in done.stderr and "oneDNN" not in done.stderr
+
+
+def test_no_module_of_the_package_imports_tensorflow_but_tf_import() -> None:
+    """One place sets the log level and filters the start-up lines: a plain ``import tensorflow``
+    elsewhere could come first in a process and print them."""
+    package = Path(tf_import.__file__).parent
+    offenders = [f"{path.relative_to(package)}:{node.lineno}" for path in package.rglob("*.py")
+                 if path.name != "tf_import.py" and "worker" not in path.parts
+                 for node in ast.walk(ast.parse(path.read_text("utf-8")))
+                 if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "tensorflow" for a in node.names)]
+    assert not offenders, f"import tensorflow outside tf_import (use tf_import.tensorflow()): {offenders}"

@@ -18,6 +18,7 @@ from pytest_tf2cntk.convert.twin.core import (LABELS, ROUTE_GRAPH, ROUTE_KERAS, 
                                               SELF_CHECK_LIMIT, RouteFailed, Twin, TwinUnavailable,
                                               first_line, scaled_error)
 from pytest_tf2cntk.convert.twin.source import SourceModel, self_check
+from pytest_tf2cntk.tf_import import tensorflow
 
 __all__ = ["LABELS", "ROUTES", "ROUTE_GRAPH", "ROUTE_KERAS", "ROUTE_ONNX", "SELF_CHECK_LIMIT", "RouteFailed",
            "SourceModel", "Twin", "TwinUnavailable", "build_twin", "scaled_error", "self_check"]
@@ -33,8 +34,6 @@ def build_twin(conversion: Any, routes: tuple[str, ...] = ROUTES, check: bool = 
     float64-purity and self checks (a few hundred ms; keep it on). ``perturb`` (ONNX route):
     every parameter of the graph times (1 + perturb x uniform(-1, 1)).
     """
-    from pytest_tf2cntk.tf_import import tensorflow
-
     tensorflow()  # quietly, before a route imports it
     source = SourceModel.from_conversion(conversion)
     attempts: list[tuple[str, str]] = []

@@ -13,12 +13,13 @@ import numpy as np
 from pytest_tf2cntk.convert.twin.core import ROUTE_KERAS, RouteFailed, Twin, twin_input_dtypes
 from pytest_tf2cntk.convert.twin.source import SourceModel, self_check
 from pytest_tf2cntk.convert.twin.tfgraph import graph_float_leaks
+from pytest_tf2cntk.tf_import import tensorflow
 
 FLOAT_NAMES = {"float32", "float16", "bfloat16", "half", "mixed_float16", "mixed_bfloat16"}
 
 
 def keras_route(source: SourceModel, check: bool) -> Twin:
-    import tensorflow as tf
+    tf = tensorflow()
 
     model = source.keras_model()
     ins, outs = source.io()
@@ -66,7 +67,7 @@ def rebuild_float64(model: Any, safe_mode: bool = True) -> tuple[Any, list[str]]
 
 def _check_float64_trace(concrete: Any) -> None:
     """No float32/16 tensor in the traced twin (its GraphDef and function library) nor output."""
-    import tensorflow as tf
+    tf = tensorflow()
 
     leaks = graph_float_leaks(concrete.graph.as_graph_def())
     if leaks:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from pytest_tf2cntk.convert.twin.core import SELF_CHECK_LIMIT, RouteFailed, Twin, scaled_error
+from pytest_tf2cntk.tf_import import tensorflow
 
 if TYPE_CHECKING:
     from pytest_tf2cntk.convert.tf_model import TFModel
@@ -77,7 +78,7 @@ class SourceModel:
         return self._concrete
 
     def _trace(self) -> Any:
-        import tensorflow as tf
+        tf = tensorflow()
 
         ins, outs = self.io()
         specs = [tf.TensorSpec(shape, tf.as_dtype(dtype), name=name) for name, dtype, shape in ins]

@@ -17,6 +17,7 @@ import numpy as np
 
 from pytest_tf2cntk.convert.twin.core import ROUTE_GRAPH, RouteFailed, Twin, first_line, twin_input_dtypes
 from pytest_tf2cntk.convert.twin.source import SourceModel, self_check
+from pytest_tf2cntk.tf_import import tensorflow
 
 _BATCHNORM_OPS = {"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"}
 _LOW_FLOAT_ENUMS = {1: "DT_FLOAT", 19: "DT_HALF", 14: "DT_BFLOAT16"}  # types_pb2 values
@@ -27,7 +28,7 @@ _DT_DOUBLE = 2
 
 
 def graph_route(source: SourceModel, check: bool) -> Twin:
-    import tensorflow as tf
+    tf = tensorflow()
 
     ins, outs = source.io()
     frozen = freeze(source.tf_function())
@@ -74,7 +75,7 @@ def freeze(concrete: Any) -> Any:
 
 def _import_pruned(gd64: Any, in_tensors: list[str], out_tensors: list[str]) -> Any:
     """The float64 GraphDef as a function from the signature's inputs to its outputs."""
-    import tensorflow as tf
+    tf = tensorflow()
 
     def _import() -> None:
         tf.compat.v1.import_graph_def(gd64, name="")
@@ -136,7 +137,7 @@ def _double_nodes(nodes: Any, low: set[int], promoted: set[str]) -> None:
 
 
 def _double_tensor(proto: Any) -> Any:
-    import tensorflow as tf
+    tf = tensorflow()
 
     return tf.make_tensor_proto(tf.make_ndarray(proto).astype(np.float64))
 
@@ -232,7 +233,7 @@ def _rewrite_one_batchnorm(bn: Any, new_nodes: list[Any]) -> dict[str, str]:
 
 
 def _const(new_nodes: list[Any], name: str, value: np.ndarray, dtype: int) -> str:
-    import tensorflow as tf
+    tf = tensorflow()
     from tensorflow.core.framework import node_def_pb2
 
     c = node_def_pb2.NodeDef(op="Const", name=name)
