@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -13,10 +14,13 @@ pytestmark = pytest.mark.needs_cntk
 FAST = ("--tf2cntk-devices=cpu", "--tf2cntk-max-examples=3", "--tf2cntk-no-history")
 
 
-def _ran(result: pytest.RunResult) -> list[str]:
-    """The item ids a -v run reports, in order."""
-    return [line.split(" ")[0] for line in result.outlines
-            if line.endswith(("PASSED", "FAILED")) or " PASSED " in line or " FAILED " in line]
+def _junit_ids(path: Path) -> list[tuple[str, str]]:
+    """(classname, name) of each test case of a JUnit file: pytest derives both from the item id."""
+    return [(c.get("classname"), c.get("name")) for c in ET.parse(path).getroot().iter("testcase")]
+
+
+def _classname(model: Path) -> str:
+    return model.as_posix().replace("/", ".")
 
 
 def test_models_outside_the_rootdir_have_distinct_ids_and_lf_reruns_the_failed_one(
@@ -30,13 +34,11 @@ def test_models_outside_the_rootdir_have_distinct_ids_and_lf_reruns_the_failed_o
         target.parent.mkdir()
         shutil.copy(source, target)
     args = (f"--rootdir={project}", f"--tf2cntk-model={good}", f"--tf2cntk-model={bad}", *FAST, "-v")
-    first = pytester.runpytest_subprocess(*args, "--junitxml=junit.xml")
+    first = pytester.runpytest_subprocess(*args, "--junitxml=first.xml")
     first.assert_outcomes(passed=3, failed=1)
-    ids = {f"{m.as_posix()}::{name}" for m in (good, bad) for name in ("convert", "parity[cpu]")}
-    assert set(_ran(first)) == ids
-    cases = ET.parse(pytester.path / "junit.xml").getroot().iter("testcase")
-    classnames = {(c.get("classname"), c.get("name")) for c in cases}
-    assert len(classnames) == 4 and all(cls for cls, _ in classnames)
-    again = pytester.runpytest_subprocess(*args, "--lf")
-    assert _ran(again) == [f"{bad.as_posix()}::parity[cpu]"]
+    expected = {(_classname(m), name) for m in (good, bad) for name in ("convert", "parity[cpu]")}
+    assert set(_junit_ids(pytester.path / "first.xml")) == expected  # four ids, each classname non-empty
+    first.stdout.fnmatch_lines(["bad/model.keras::parity?cpu? FAILED*", "good/model.keras::convert PASSED*"])
+    again = pytester.runpytest_subprocess(*args, "--lf", "--junitxml=again.xml")
+    assert _junit_ids(pytester.path / "again.xml") == [(_classname(bad), "parity[cpu]")]
     assert again.parseoutcomes().get("failed") == 1 and "passed" not in again.parseoutcomes()
