@@ -56,13 +56,20 @@ class CacheMeta(Jsonable):
     onnx_sha256: str | None = None
     layer_scopes: dict[str, str] = field(default_factory=dict)  # TF name scope -> Keras layer
 
-    def raise_error(self) -> None:
+    def raise_error(self, source: str | os.PathLike | None = None) -> None:
+        """Raise the stored error, naming ``source``: the cache keys on content, so the entry may
+        have been written for another file with the same bytes, whose path its text names."""
         if not self.error:
             return
         err = self.error
-        exc = _ERRORS.get(err["type"], ConversionError)(err["message"], hint=err.get("hint"))
+
+        def named(text: str | None) -> str | None:
+            return text.replace(self.source, str(source)) if text and source is not None else text
+
+        exc = _ERRORS.get(err["type"], ConversionError)(named(err["message"]), hint=named(err.get("hint")))
         if isinstance(exc, ValidationError):
-            exc.problems = [Problem.from_json(p) for p in err.get("problems", [])]
+            exc.problems = [dataclasses.replace(p, reason=named(p.reason), hint=named(p.hint))
+                            for p in (Problem.from_json(j) for j in err.get("problems", []))]
         raise exc
 
 
@@ -259,7 +266,7 @@ def convert(path: str | os.PathLike, *, batch: int = _DEFAULTS.batch, opset: int
     started = time.perf_counter()
 
     def from_entry(onnx_path: Path, meta: CacheMeta, hit: bool) -> Conversion:
-        meta.raise_error()
+        meta.raise_error(source)
         return Conversion(source, onnx_path, options, meta.inputs, meta.outputs, meta.ops, meta.passes,
                           meta.warnings, hit, time.perf_counter() - started, key, dict(meta.layer_scopes),
                           list(meta.repairs))
