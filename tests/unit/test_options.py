@@ -24,7 +24,7 @@ def test_options_cli_overrides_ini_and_validates(tmp_path: Path) -> None:
 
 def test_every_option_is_prefixed_and_has_an_ini_twin() -> None:
     for o in options.PYTEST_OPTIONS:
-        assert o.ini == "tf2cntk_" + o.name
+        assert o.ini == "tf2cntk_" + o.key
         assert o.flag.startswith("--tf2cntk-")
 
 
