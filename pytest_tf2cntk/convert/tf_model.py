@@ -374,7 +374,9 @@ def _load_savedmodel(path: Path, signature: str) -> TFModel:
     import tensorflow as tf
 
     try:
-        loaded = tf.saved_model.load(str(path))
+        loaded = _read_savedmodel(tf, path)
+    except ModelLoadError:
+        raise
     except Exception as exc:
         raise ModelLoadError(f"TensorFlow could not read the SavedModel in {path}: {_first_line(exc)}",
                              hint="re-export it; saved_model.pb may be corrupt") from None
@@ -400,6 +402,28 @@ def _load_savedmodel(path: Path, signature: str) -> TFModel:
     model = TFModel(path, "savedmodel", inputs, outputs, fn)
     model.loaded = loaded  # type: ignore[attr-defined]  # keeps variables alive
     return model
+
+
+def _read_savedmodel(tf: Any, path: Path) -> Any:
+    """tf.saved_model.load, through tf_keras for a Keras 2 SavedModel holding its optimizer's state:
+    the loader recreates the slots with the optimizer's add_slot, which only Keras 2's classes have
+    (tf_keras registers them when imported); without them the optimizer is a bare '_UserObject'."""
+    try:
+        return tf.saved_model.load(str(path))
+    except AttributeError as exc:
+        if "add_slot" not in str(exc):
+            raise
+        try:
+            import tf_keras  # noqa: F401  # registers Keras 2's revived optimizer
+        except ImportError:
+            version = ".".join(tf.__version__.split(".")[:2])
+            raise ModelLoadError(
+                f"The SavedModel in {path} was saved by Keras 2 with its optimizer's state, which TensorFlow "
+                f"{tf.__version__} can only restore with Keras 2's classes, and tf_keras is not installed "
+                f"({_first_line(exc)}).",
+                hint=f"pip install tf_keras=={version}.* (Keras 2 for TensorFlow {version}; it is used when "
+                     "installed), or re-export the model without its optimizer") from None
+        return tf.saved_model.load(str(path))
 
 
 def _tensor_info(name: str, dtype: Any, shape: Any, path: Path) -> ModelTensor:
