@@ -27,7 +27,7 @@ def test_models_outside_the_rootdir_have_distinct_ids_and_lf_reruns_the_failed_o
         pytester: pytest.Pytester) -> None:
     """Two models named model.keras in two directories outside the rootdir (one fails parity: the
     known-bad quantized.keras, converted without repairs):
-    their items are told apart in -v, JUnit and --lf, which reruns exactly the failed one."""
+    their items are told apart in -v, JUnit, xdist and --lf, which reruns exactly the failed one."""
     project = pytester.mkdir("project")
     (project / "pyproject.toml").write_text("[tool.tf2cntk]\n")
     good, bad = pytester.path / "good" / "model.keras", pytester.path / "bad" / "model.keras"
@@ -41,8 +41,9 @@ def test_models_outside_the_rootdir_have_distinct_ids_and_lf_reruns_the_failed_o
     expected = {(_classname(m), name) for m in (good, bad) for name in ("convert", "parity[cpu]")}
     assert set(_junit_ids(pytester.path / "first.xml")) == expected  # four ids, each classname non-empty
     first.stdout.fnmatch_lines(["bad/model.keras::parity?cpu? FAILED*", "good/model.keras::convert PASSED*"])
-    again = pytester.runpytest_subprocess(*args, "--lf", "--junitxml=again.xml")
+    again = pytester.runpytest_subprocess(*args, "--lf", "--junitxml=again.xml", "-n", "2")
     assert _junit_ids(pytester.path / "again.xml") == [(_classname(bad), "parity[cpu]")]
+    again.stdout.fnmatch_lines(["*[[]100%[]]*"])  # xdist counts items by id: shared ids stopped it short
     assert again.parseoutcomes().get("failed") == 1 and "passed" not in again.parseoutcomes()
 
 
