@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -40,6 +41,12 @@ class Option:
     pytest_flag: str | None = None  # when it differs from --tf2cntk-NAME
     choices: tuple[str, ...] = ()  # text options: the values allowed
     parser: Callable[[Any], Any] | None = None  # a syntax of its own: raw value -> value, ValueError if wrong
+    spelled: str | None = None  # the ini suffix and [tool.tf2cntk] key when ``name`` cannot be ("import")
+
+    @property
+    def key(self) -> str:
+        """The key of ``[tool.tf2cntk]`` and the ini suffix."""
+        return self.spelled or self.name
 
     @property
     def in_pytest(self) -> bool:
@@ -56,7 +63,7 @@ class Option:
 
     @property
     def ini(self) -> str:
-        return "tf2cntk_" + self.name
+        return "tf2cntk_" + self.key
 
     @property
     def shown_default(self) -> str:
@@ -91,6 +98,19 @@ class Option:
         if self.minimum is not None and (value <= self.minimum if self.strict else value < self.minimum):
             raise ValueError(f"must be {'>' if self.strict else '>='} {self.minimum:g} (got {raw})")
         return value
+
+
+MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def parse_imports(raw: Any) -> tuple[str, ...]:
+    """Dotted module names (--tf2cntk-import), in order, each once; ValueError names a bad one."""
+    items = [raw] if isinstance(raw, str) else list(raw)
+    names = [str(i).strip() for i in items]
+    bad = [n for n in names if not MODULE_NAME.fullmatch(n)]
+    if bad:
+        raise ValueError(f"{bad[0]!r} is not a module name: give one as `import` takes it, e.g. pkg.layers")
+    return tuple(dict.fromkeys(names))
 
 
 SHAPE_SYNTAX = ("NAME:SHAPE, SHAPE the input's dimensions after the batch axis as positive integers "
@@ -178,6 +198,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("repairs", "on", "CNTK repairs: on rewrites the graphs CNTK 2.7 computes wrongly into ones it computes "
                             "correctly, each proved in ONNX Runtime; off converts without them, so the raw "
                             "CNTK defect shows", metavar="on|off", group=CONVERSION, choices=("on", "off")),
+    Option("imports", (), "module to import before a model is loaded, e.g. the one that registers its custom "
+                          "Keras layers (repeatable; ini: one per line; pyproject: import = [\"pkg.layers\"])",
+           "list", "MODULE", group=CONVERSION, pytest_flag="--tf2cntk-import", spelled="import",
+           parser=parse_imports),
     Option("edge_values", False, "begin with NaN/Inf-free edge patterns (zeros, range extremes, large and "
                                  "subnormal values) on each input, then let Hypothesis mix them in", "bool",
            group=PARITY),
@@ -202,6 +226,7 @@ OPTIONS: tuple[Option, ...] = (
            strict=True, group=CALIBRATE),
 )
 BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
+BY_KEY: dict[str, Option] = {o.key: o for o in OPTIONS}  # as [tool.tf2cntk] spells them
 PYTEST_OPTIONS = tuple(o for o in OPTIONS if o.in_pytest)
 
 
@@ -249,6 +274,7 @@ class Settings:
     signature: str | None = default("signature")
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = default("input_shapes")
     repairs: str = default("repairs")
+    imports: tuple[str, ...] = default("imports")
     edge_values: bool = default("edge_values")
     timeout: float = default("timeout")
     layerwise: bool = default("layerwise")
@@ -296,7 +322,7 @@ def resolve(getoption: Callable[[str], Any], getini: Callable[[str], Any], rootd
         if ini == [] or ini == "":
             ini = None
         raw, source = next(((v, s) for v, s in ((cli, o.flag), (ini, f"ini option {o.ini}"),
-                                                (tool.get(o.name), tool_source(o.name, tool)))
+                                                (tool.get(o.key), tool_source(o.key, tool)))
                             if v is not None), (None, ""))
         try:
             values[o.name] = o.parse(raw)
@@ -348,9 +374,9 @@ def read_pyproject(rootdir: Path) -> dict[str, Any]:
 def tool_table(pyproject: Mapping[str, Any] | None) -> dict[str, Any]:
     """``[tool.tf2cntk]``, its keys checked against the option table."""
     tool = dict((pyproject or {}).get("tool", {}).get("tf2cntk", {}) or {})
-    unknown = sorted(k for k in tool if k not in BY_NAME and k not in TABLES)
+    unknown = sorted(k for k in tool if k not in BY_KEY and k not in TABLES)
     if unknown:
-        known = ", ".join(sorted(list(BY_NAME) + list(TABLES)))
+        known = ", ".join(sorted(list(BY_KEY) + list(TABLES)))
         raise ValueError(f"[tool.tf2cntk] has unknown key(s) {', '.join(unknown)} (known: {known})")
     return tool
 
@@ -497,8 +523,8 @@ def from_args(args: argparse.Namespace, *picks: str, tool: Mapping[str, Any] | N
         value = _given_value(o, getattr(args, o.name, None))
         if value is None:
             try:
-                value = o.parse((tool or {}).get(o.name))
+                value = o.parse((tool or {}).get(o.key))
             except ValueError as exc:
-                raise ValueError(f"{tool_source(o.name, tool or {})}: {exc}") from None
+                raise ValueError(f"{tool_source(o.key, tool or {})}: {exc}") from None
         out[o.name] = value
     return out

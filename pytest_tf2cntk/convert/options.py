@@ -17,3 +17,4 @@ class ConversionOptions(Jsonable):
     # (input name, its dimensions after the batch): fixes free dimensions (--tf2cntk-input-shape)
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = default("input_shapes")
     repairs: str = default("repairs")  # "on" | "off": the CNTK repairs (convert.repairs)
+    imports: tuple[str, ...] = default("imports")  # modules imported before the model loads (custom layers)

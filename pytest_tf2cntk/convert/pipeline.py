@@ -56,13 +56,20 @@ class CacheMeta(Jsonable):
     onnx_sha256: str | None = None
     layer_scopes: dict[str, str] = field(default_factory=dict)  # TF name scope -> Keras layer
 
-    def raise_error(self) -> None:
+    def raise_error(self, source: str | os.PathLike | None = None) -> None:
+        """Raise the stored error, naming ``source``: the cache keys on content, so the entry may
+        have been written for another file with the same bytes, whose path its text names."""
         if not self.error:
             return
         err = self.error
-        exc = _ERRORS.get(err["type"], ConversionError)(err["message"], hint=err.get("hint"))
+
+        def named(text: str | None) -> str | None:
+            return text.replace(self.source, str(source)) if text and source is not None else text
+
+        exc = _ERRORS.get(err["type"], ConversionError)(named(err["message"]), hint=named(err.get("hint")))
         if isinstance(exc, ValidationError):
-            exc.problems = [Problem.from_json(p) for p in err.get("problems", [])]
+            exc.problems = [dataclasses.replace(p, reason=named(p.reason), hint=named(p.hint))
+                            for p in (Problem.from_json(j) for j in err.get("problems", []))]
         raise exc
 
 
@@ -107,7 +114,7 @@ class Conversion:
         """Loaded on first use: a cache hit never pays for importing TensorFlow."""
         if self._tf is None:
             self._tf = load_tf_model(self.source, self.options.signature, self.options.unsafe_load,
-                                     self.options.input_shapes)
+                                     self.options.input_shapes, self.options.imports)
         return self._tf
 
     def float64_twin(self) -> Any:
@@ -232,34 +239,35 @@ def convert(path: str | os.PathLike, *, batch: int = _DEFAULTS.batch, opset: int
             signature: str | None = _DEFAULTS.signature, unsafe_load: bool = _DEFAULTS.unsafe_load,
             cache_dir: str | os.PathLike | None = _DEFAULTS.cache_dir, use_cache: bool = True,
             apply_passes: bool = True, progress: Callable[[str], None] | None = None,
-            input_shapes: Any = _DEFAULTS.input_shapes, repairs: str | bool = _DEFAULTS.repairs) -> Conversion:
+            input_shapes: Any = _DEFAULTS.input_shapes, repairs: str | bool = _DEFAULTS.repairs,
+            imports: Any = _DEFAULTS.imports) -> Conversion:
     """Convert one model for CNTK. Raises ModelLoadError, ConversionError or ValidationError.
 
     ``input_shapes`` fixes free input dimensions: {name: dims without the batch}, or
     "name:64x64x3" texts (as --tf2cntk-input-shape takes them). ``repairs`` ("on"/"off", or a
-    bool): the CNTK repairs (``convert.repairs``), each proved in ONNX Runtime."""
+    bool): the CNTK repairs (``convert.repairs``), each proved in ONNX Runtime. ``imports``: modules
+    to import before the model loads (those registering its custom Keras layers; --tf2cntk-import)."""
     from pytest_tf2cntk.convert.tf_model import detect_kind
-    from pytest_tf2cntk.options import parse_input_shapes
+    from pytest_tf2cntk.options import parse_imports, parse_input_shapes
 
     source = Path(path)
     detect_kind(source)  # bad paths fail here, before any hashing or TF import
     if batch < 1:
         raise ModelLoadError(f"Batch size must be >= 1 (got {batch}).")
-    try:
-        shapes = parse_input_shapes(input_shapes)
-    except ValueError as exc:
-        raise ModelLoadError(f"input_shapes: {exc}") from None
+    shapes = _parsed("input_shapes", parse_input_shapes, input_shapes)
+    modules = _parsed("imports", parse_imports, imports)
     repairs = _on_off(repairs)
     options = ConversionOptions(batch, opset, signature, unsafe_load, str(cache_dir) if cache_dir else None, shapes,
-                                repairs)
+                                repairs, modules)
     cache = ConversionCache(Path(cache_dir) if cache_dir else None)
     keyed = {"batch": batch, "opset": opset, "signature": signature, "passes": apply_passes,
-             "unsafe_load": unsafe_load, "input_shapes": [[n, list(d)] for n, d in shapes], "repairs": repairs}
+             "unsafe_load": unsafe_load, "input_shapes": [[n, list(d)] for n, d in shapes], "repairs": repairs,
+             "imports": list(modules)}  # what the user's layers compute is theirs: a new module list converts anew
     key = cache.key(source, keyed, pipeline_fingerprint())
     started = time.perf_counter()
 
     def from_entry(onnx_path: Path, meta: CacheMeta, hit: bool) -> Conversion:
-        meta.raise_error()
+        meta.raise_error(source)
         return Conversion(source, onnx_path, options, meta.inputs, meta.outputs, meta.ops, meta.passes,
                           meta.warnings, hit, time.perf_counter() - started, key, dict(meta.layer_scopes),
                           list(meta.repairs))
@@ -272,7 +280,7 @@ def convert(path: str | os.PathLike, *, batch: int = _DEFAULTS.batch, opset: int
         if hit:
             return from_entry(*hit, hit=True)
         (progress or (lambda _m: None))(f"converting {source} (batch {batch}, opset {opset}) ...")
-        tf_model = load_tf_model(source, signature, unsafe_load, shapes)
+        tf_model = load_tf_model(source, signature, unsafe_load, shapes, modules)
         if not tf_model.inputs:
             raise ModelLoadError(f"{source} takes no inputs{f' (signature {signature!r})' if signature else ''}: "
                                  "a parity test runs TensorFlow and CNTK on generated inputs, so there is "
@@ -295,6 +303,13 @@ def _on_off(value: str | bool) -> str:
         return BY_NAME["repairs"].parse(value)
     except ValueError as exc:
         raise ModelLoadError(f"repairs: {exc}", hint="pass repairs='on' or 'off'") from None
+
+
+def _parsed(name: str, parse: Callable[[Any], Any], raw: Any) -> Any:
+    try:
+        return parse(raw)
+    except ValueError as exc:
+        raise ModelLoadError(f"{name}: {exc}") from None
 
 
 def _cached(cache: ConversionCache, key: str) -> tuple[Path, CacheMeta] | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,9 @@ from pytest_tf2cntk.tf_import import tensorflow
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 DEFAULT_SIGNATURE = "serving_default"
 UNSAFE_HINT = "pass --tf2cntk-unsafe-load (API: unsafe_load=True) if you trust this file"
+IMPORT_OPTION = '--tf2cntk-import (tf2cntk: --import; pyproject: [tool.tf2cntk] import = ["MODULE"])'
+# Keras 3's and the legacy (h5) loader's words for a class no imported module registered
+UNKNOWN_CLASS = re.compile(r"Could not locate (class|function) '([^']+)'|Unknown (\w+): '([^']+)'")
 
 
 @dataclass(frozen=True)
@@ -273,15 +277,16 @@ def _first_line(exc: BaseException) -> str:
 
 
 def load_tf_model(path: str | os.PathLike, signature: str | None = None, unsafe_load: bool = False,
-                  input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()) -> TFModel:
-    """The model; ``input_shapes``: (name, dims without the batch) fixing free input dimensions."""
-    model = _load_tf_model(Path(path), signature, unsafe_load)
+                  input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = (), imports: tuple[str, ...] = ()) -> TFModel:
+    """The model; ``input_shapes``: (name, dims without the batch) fixing free input dimensions;
+    ``imports``: modules imported first (those registering the model's custom Keras layers)."""
+    model = _load_tf_model(Path(path), signature, unsafe_load, tuple(imports))
     if input_shapes:
         model.inputs = fix_input_shapes(model.inputs, tuple(input_shapes), model.path)
     return model
 
 
-def _load_tf_model(path: Path, signature: str | None, unsafe_load: bool) -> TFModel:
+def _load_tf_model(path: Path, signature: str | None, unsafe_load: bool, imports: tuple[str, ...]) -> TFModel:
     kind = detect_kind(path)
     if path.name == "saved_model.pb":
         path = path.parent
@@ -290,12 +295,50 @@ def _load_tf_model(path: Path, signature: str | None, unsafe_load: bool) -> TFMo
 
     # TF warns about "retracing" when many models are traced in one process: that is our design
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    import_modules(imports)  # here, so every process that loads the model has them (xdist workers too)
     if kind == "savedmodel":
         return _load_savedmodel(path, signature or DEFAULT_SIGNATURE)
-    return _load_keras(path, kind, unsafe_load)
+    return _load_keras(path, kind, unsafe_load, imports)
 
 
-def _load_keras(path: Path, kind: str, unsafe_load: bool) -> TFModel:
+def import_modules(names: tuple[str, ...]) -> None:
+    """Import the user's modules: custom Keras layers register themselves when their module runs.
+    Python imports each once per process; a failure is one paragraph naming the module."""
+    import importlib
+
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # not found, or its own code failed
+            missing = isinstance(exc, ModuleNotFoundError) and exc.name and name.startswith(exc.name)
+            raise ModelLoadError(
+                f"The module {name!r} named by {IMPORT_OPTION} could not be imported "
+                f"({type(exc).__name__}: {_first_line(exc)}), so the model is not loaded.",
+                hint="install it, or put the directory that holds it on the import path (PYTHONPATH=DIR; "
+                     "pytest: the pythonpath ini option)" if missing else
+                     f"fix the module: python -c 'import {name}' shows its traceback") from None
+
+
+def _unknown_class(path: Path, kind: str, exc: BaseException, imports: tuple[str, ...]) -> ModelLoadError | None:
+    """The load error for a custom class no imported module registered, naming the class and, from
+    the model's config, the module it was saved from; None for another failure."""
+    found = UNKNOWN_CLASS.search(str(exc))
+    if found is None:
+        return None
+    what, name = (found.group(1), found.group(2)) if found.group(2) else (found.group(3), found.group(4))
+    short = name.split(">")[-1]  # registered names read "package>Class"
+    modules = [c.get("module") for c in _walk_configs(_keras_config(path, kind))
+               if c["class_name"] == short and c.get("module")]
+    module = modules[0] if modules else "MODULE"
+    tried = f" (imported: {', '.join(imports)})" if imports else ""
+    return ModelLoadError(
+        f"{path} uses the custom {what} '{name}', which Keras does not know: the module that defines and "
+        f"registers it (@keras.saving.register_keras_serializable()) has not been imported{tried}.",
+        hint=f"import it before the model loads: --tf2cntk-import={module} (tf2cntk: --import {module}; "
+             f'pyproject: [tool.tf2cntk] import = ["{module}"])')
+
+
+def _load_keras(path: Path, kind: str, unsafe_load: bool, imports: tuple[str, ...] = ()) -> TFModel:
     import keras
 
     lambdas = unsafe_layers(path, kind)
@@ -309,6 +352,9 @@ def _load_keras(path: Path, kind: str, unsafe_load: bool) -> TFModel:
         if "safe_mode" in str(exc):
             raise ModelLoadError(f"{path} needs unsafe deserialization: {_first_line(exc)}",
                                  hint=UNSAFE_HINT) from None
+        unknown = _unknown_class(path, kind, exc, imports)
+        if unknown is not None:
+            raise unknown from None
         raise ModelLoadError(f"Keras could not load {path} ({kind}): {_first_line(exc)}. "
                              "The file may be truncated or written by an incompatible Keras.",
                              hint="re-save the model with the Keras version in use") from None
@@ -327,7 +373,9 @@ def _load_savedmodel(path: Path, signature: str) -> TFModel:
     tf = tensorflow()
 
     try:
-        loaded = tf.saved_model.load(str(path))
+        loaded = _read_savedmodel(tf, path)
+    except ModelLoadError:
+        raise
     except Exception as exc:
         raise ModelLoadError(f"TensorFlow could not read the SavedModel in {path}: {_first_line(exc)}",
                              hint="re-export it; saved_model.pb may be corrupt") from None
@@ -353,6 +401,28 @@ def _load_savedmodel(path: Path, signature: str) -> TFModel:
     model = TFModel(path, "savedmodel", inputs, outputs, fn)
     model.loaded = loaded  # type: ignore[attr-defined]  # keeps variables alive
     return model
+
+
+def _read_savedmodel(tf: Any, path: Path) -> Any:
+    """tf.saved_model.load, through tf_keras for a Keras 2 SavedModel holding its optimizer's state:
+    the loader recreates the slots with the optimizer's add_slot, which only Keras 2's classes have
+    (tf_keras registers them when imported); without them the optimizer is a bare '_UserObject'."""
+    try:
+        return tf.saved_model.load(str(path))
+    except AttributeError as exc:
+        if "add_slot" not in str(exc):
+            raise
+        try:
+            import tf_keras  # noqa: F401  # registers Keras 2's revived optimizer
+        except ImportError:
+            version = ".".join(tf.__version__.split(".")[:2])
+            raise ModelLoadError(
+                f"The SavedModel in {path} was saved by Keras 2 with its optimizer's state, which TensorFlow "
+                f"{tf.__version__} can only restore with Keras 2's classes, and tf_keras is not installed "
+                f"({_first_line(exc)}).",
+                hint=f"pip install tf_keras=={version}.* (Keras 2 for TensorFlow {version}; it is used when "
+                     "installed), or re-export the model without its optimizer") from None
+        return tf.saved_model.load(str(path))
 
 
 def _tensor_info(name: str, dtype: Any, shape: Any, path: Path) -> ModelTensor:

@@ -191,7 +191,8 @@ def calibrate(model: str | os.PathLike, *, device: str = "cpu", conversion: Conv
     started = time.perf_counter()
     c = conversion or ConversionOptions()
     conv = convert(model, batch=c.batch, opset=c.opset, signature=c.signature, unsafe_load=c.unsafe_load,
-                   cache_dir=c.cache_dir, input_shapes=c.input_shapes, repairs=c.repairs)
+                   cache_dir=c.cache_dir, input_shapes=c.input_shapes, repairs=c.repairs,
+                   imports=c.imports)
     key = model_key(key or model)
     configured = BudgetConfig.from_mapping(budgets_for(budgets, key))
     engine = ParityEngine(conv, device, ParityOptions(budgets=configured, inputs=dict(inputs or {}),

@@ -278,6 +278,7 @@ def check_parity(model_path: str | os.PathLike, device: str = "cpu", max_example
                  batch: int = _C.batch, opset: int = _C.opset, signature: str | None = _C.signature,
                  unsafe_load: bool = _C.unsafe_load, cache_dir: str | os.PathLike | None = _C.cache_dir,
                  input_shapes: Any = _C.input_shapes, repairs: str | bool = _C.repairs,
+                 imports: Any = _C.imports,
                  seed: int | None = _P.seed, derandomize: bool | None = None, reference: str = _P.reference,
                  budgets: BudgetConfig | dict | None = None, budget_scale: float = default("budget_scale"),
                  inputs: dict[str, tuple[float, float]] | None = None, edge_values: bool = _P.edge_values,
@@ -293,7 +294,8 @@ def check_parity(model_path: str | os.PathLike, device: str = "cpu", max_example
     input names to (low, high) value ranges; ``cntk_onnx`` evaluates another ONNX file in CNTK
     (e.g. a hand-patched graph) while TF and ONNX Runtime use the converted one; ``input_shapes``
     fixes free input dimensions ({"image": (64, 64, 3)}, without the batch); ``repairs`` "off"
-    converts without the CNTK repairs (``convert.repairs``). With
+    converts without the CNTK repairs (``convert.repairs``); ``imports`` names the modules that register the
+    model's custom Keras layers (imported before it loads). With
     ``derandomize`` (default: when $CI is set and no seed is given) the examples are the same on
     every run. ``triage``/``layerwise``: "off", "on-failure" or "always" (``Diagnose``).
     """
@@ -306,7 +308,7 @@ def check_parity(model_path: str | os.PathLike, device: str = "cpu", max_example
                                   database=database)
     conv = conversion or convert(model_path, batch=batch, opset=opset, signature=signature,
                                  unsafe_load=unsafe_load, cache_dir=cache_dir, input_shapes=input_shapes,
-                                 repairs=repairs)
+                                 repairs=repairs, imports=imports)
     return run_check(conv, device, options, progress)
 
 

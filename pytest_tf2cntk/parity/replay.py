@@ -23,7 +23,8 @@ def replay(path: str | os.PathLike, cntk_python: str | None = None,
     meta = rep.meta
     c = meta.conversion
     conv = convert(meta.model, batch=c.batch, opset=c.opset, signature=c.signature, unsafe_load=c.unsafe_load,
-                   cache_dir=cache_dir, input_shapes=c.input_shapes, repairs=c.repairs)
+                   cache_dir=cache_dir, input_shapes=c.input_shapes, repairs=c.repairs,
+                   imports=c.imports)
     with tempfile.TemporaryDirectory(prefix="tf2cntk-replay-") as tmp:
         cntk_onnx = meta.cntk_onnx_path
         if rep.cntk_onnx is not None:  # the exact graph CNTK saw, even if the file is gone

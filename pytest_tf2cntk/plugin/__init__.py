@@ -62,13 +62,13 @@ def _worker_id(config: pytest.Config) -> str | None:
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
     if session_of(parent.config).is_model(file_path):
-        return ModelCollector.from_parent(parent, path=file_path)
+        return ModelCollector.from_path(parent, file_path)
     return None
 
 
 def pytest_collect_directory(path: Path, parent: pytest.Collector) -> pytest.Collector | None:
     if session_of(parent.config).is_model(path):  # a SavedModel directory is one model
-        return ModelCollector.from_parent(parent, path=path)
+        return ModelCollector.from_path(parent, path)
     return None
 
 

@@ -93,3 +93,41 @@ def gru_sequences(path: Path) -> Path:
     """GRU(6, return_sequences) -> GRU(6) over 8 steps of 3 features -> Dense(2): two GRU Loops."""
     return _sequence_model(path, lambda L, x: L.GRU(6, name="gru2")(L.GRU(6, return_sequences=True,
                                                                          name="gru1")(x)))
+
+
+def keras2_optimizer_savedmodel(path: Path) -> Path:
+    """A SavedModel (signature x -> y) carrying an optimizer's slot the way a Keras 2 model saved
+    with its optimizer does: the object exposes get_slot_names/get_slot, so the saver records the
+    slot as one, and tf.saved_model.load recreates it with add_slot, which a revived plain object
+    lacks ("'_UserObject' object has no attribute 'add_slot'") unless tf_keras registers Keras 2's."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    class Untracked:  # as OptimizerV2's _slots: the slot is saved as a slot, not as a child
+        pass
+
+    class Optimizer(tf.Module):
+        def __init__(self, var: tf.Variable) -> None:
+            super().__init__()
+            self._untracked = Untracked()
+            self._untracked.slot, self._untracked.var = tf.Variable(tf.zeros_like(var)), var
+
+        def get_slot_names(self) -> list[str]:
+            return ["momentum"]
+
+        def get_slot(self, var: tf.Variable, name: str) -> tf.Variable | None:
+            return self._untracked.slot if var is self._untracked.var else None
+
+    class Net(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = tf.Variable([[1.0, 2.0], [3.0, 4.0]])
+            self.optimizer = Optimizer(self.w)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.float32, name="x")])
+        def serve(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
+            return {"y": tf.matmul(x, self.w)}
+
+    net = Net()
+    tf.saved_model.save(net, str(path), signatures={"serving_default": net.serve})
+    return path

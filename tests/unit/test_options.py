@@ -24,7 +24,7 @@ def test_options_cli_overrides_ini_and_validates(tmp_path: Path) -> None:
 
 def test_every_option_is_prefixed_and_has_an_ini_twin() -> None:
     for o in options.PYTEST_OPTIONS:
-        assert o.ini == "tf2cntk_" + o.name
+        assert o.ini == "tf2cntk_" + o.key
         assert o.flag.startswith("--tf2cntk-")
 
 
@@ -115,3 +115,26 @@ def test_budgets_for_puts_a_models_own_table_over_the_projects() -> None:
         parse_budget_table({"models": {"nets/a.keras": {"outputs": {"probs": "tight"}}}})
     with pytest.raises(ValueError, match="one table per model path"):
         parse_budget_table({"models": {"nets/a.keras": 3}})
+
+
+def test_import_is_one_option_for_pytest_ini_pyproject_and_the_command(tmp_path: Path) -> None:
+    """``import`` is a keyword, so the option's name is imports and its key spells import."""
+    import argparse
+
+    o = options.BY_NAME["imports"]
+    assert (o.flag, o.cli_flag, o.ini, o.group) == ("--tf2cntk-import", "--import", "tf2cntk_import",
+                                                    options.CONVERSION)
+    table = {"tool": {"tf2cntk": {"import": ["pkg.layers", "more"]}}}
+    assert options.resolve(lambda k: None, lambda k: None, tmp_path, table).imports == ("pkg.layers", "more")
+    cli = {"tf2cntk_imports": ["a.b", "a.b", "c"]}  # repeated: each once, in order
+    assert options.resolve(cli.get, lambda k: None, tmp_path, table).imports == ("a.b", "c")
+    assert options.resolve(lambda k: None, {"tf2cntk_import": ["x"]}.get, tmp_path).imports == ("x",)
+    with pytest.raises(ValueError, match=r"^--tf2cntk-import: 'pkg/layers.py' is not a module name"):
+        options.resolve({"tf2cntk_imports": ["pkg/layers.py"]}.get, lambda k: None, tmp_path)
+    with pytest.raises(ValueError, match="unknown key"):
+        options.tool_table({"tool": {"tf2cntk": {"imports": ["x"]}}})  # the key is import
+    parser = argparse.ArgumentParser(prog="tf2cntk check")
+    options.add_arguments(parser, options.CONVERSION)
+    args = parser.parse_args(["--import", "pkg.layers", "--import=other"])
+    assert options.from_args(args, options.CONVERSION)["imports"] == ("pkg.layers", "other")
+    assert options.from_args(parser.parse_args([]), options.CONVERSION, tool={"import": "one"})["imports"] == ("one",)
