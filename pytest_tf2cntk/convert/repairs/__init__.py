@@ -17,9 +17,12 @@ import onnx
 
 from pytest_tf2cntk.codec import Jsonable
 from pytest_tf2cntk.convert.passes import apply_proved
+from pytest_tf2cntk.errors import PassMismatch
 
 RepairFn = Callable[[onnx.ModelProto], int]  # rewrites in place; returns how many nodes it repaired
 EdgeProofFn = Callable[[onnx.ModelProto], str]
+REPAIRS_OFF_HINT = ("report it with the model; meanwhile --tf2cntk-repairs=off (tf2cntk --repairs off) converts "
+                    "without the CNTK repairs (CNTK then computes the defect's nodes as before)")
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,11 @@ def run_repairs(model: onnx.ModelProto, prove: bool = True, seed: int = 0,
                 examples: int = 2) -> tuple[onnx.ModelProto, list[RepairRecord]]:
     """Apply every repair whose defect the graph has; each one applied is proved in ONNX Runtime."""
     by_name = {r.name: r for r in REPAIRS}
-    model, applied = apply_proved(model, [(r.name, r.apply) for r in REPAIRS], "CNTK repair", prove, seed, examples)
+    try:
+        model, applied = apply_proved(model, [(r.name, r.apply) for r in REPAIRS], "CNTK repair", prove, seed,
+                                      examples)
+    except PassMismatch as exc:  # the way out is the repairs' switch, not the passes'
+        raise PassMismatch(exc.message, hint=REPAIRS_OFF_HINT) from None
     records = []
     for p in applied:
         repair, proof = by_name[p.name], p.proof

@@ -22,7 +22,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from pytest_tf2cntk.convert import onnx_graph as og
-from pytest_tf2cntk.convert.repairs import REPAIRS, Repair
+from pytest_tf2cntk.convert.repairs import REPAIRS, REPAIRS_OFF_HINT, Repair
 from pytest_tf2cntk.convert.validation import EXACT_CAST
 
 FLOATS = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64, TensorProto.FLOAT16: np.float16}
@@ -123,7 +123,7 @@ def prove_edges(model: onnx.ModelProto) -> str:
             raise PassMismatch(f"CNTK repair 'int_cast_truncation' truncates {bad.tolist()} unlike ONNX "
                                f"Runtime's Cast to {TensorProto.DataType.Name(int_type)}. This is a bug in "
                                "pytest-tf2cntk's CNTK repair; it was not applied.",
-                               hint="convert with --tf2cntk-repairs=off meanwhile")
+                               hint=REPAIRS_OFF_HINT)
         count += len(values)
     return f"exact on {count} edge values (integers, k+0.5, negative non-integers, range ends)"
 

@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from pytest_tf2cntk.convert import onnxrt
-from pytest_tf2cntk.convert.repairs import REPAIRS, run_repairs
+from pytest_tf2cntk.convert.repairs import REPAIRS, Repair, run_repairs
 from pytest_tf2cntk.convert.repairs import avgpool_border as ap
 from pytest_tf2cntk.convert.repairs import int_cast
 from pytest_tf2cntk.convert.validation import check_support
@@ -71,6 +71,17 @@ def test_a_wrong_truncation_is_caught_by_the_edge_proof(monkeypatch: pytest.Monk
     monkeypatch.setattr(int_cast, "truncation_nodes", floor_only)
     with pytest.raises(PassMismatch, match="int_cast_truncation"):
         int_cast.prove_edges(run_repairs(_quantizer(3), prove=False)[0])
+
+
+def test_a_repair_that_changes_the_numbers_is_refused_with_the_way_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    def wrong(model: onnx.ModelProto) -> int:
+        model.graph.node[0].attribute[0].i = TensorProto.FLOAT  # CNTK's own pass-through: no truncation
+        return 1
+
+    monkeypatch.setattr("pytest_tf2cntk.convert.repairs.REPAIRS", [Repair("wrong", "d", "r", wrong)])
+    with pytest.raises(PassMismatch, match="CNTK repair 'wrong' changed output 'y'") as caught:
+        run_repairs(_quantizer(3))
+    assert "--tf2cntk-repairs=off" in caught.value.hint
 
 
 def _pool(h: int, w: int, k: int, pad: int, channels: int = 3, include_pad: int = 0) -> onnx.ModelProto:
@@ -179,3 +190,19 @@ def test_a_fixture_needing_no_repair_converts_to_the_same_bytes(name: str, tmp_p
         assert repaired.SerializeToString() != off.onnx_path.read_bytes()
         return
     assert repaired.SerializeToString() == off.onnx_path.read_bytes() and on.repairs_text() == "none needed"
+
+
+@pytest.mark.needs_cntk
+def test_keras_same_avgpool_on_a_1x1_map_fails_parity_without_the_repair_and_passes_with_it(tmp_path: Path) -> None:
+    from pytest_tf2cntk.parity.engine import check_parity
+    from tests.support.small_models import same_avgpool
+
+    model = same_avgpool(tmp_path / "pool1x1.keras", 1, channels=3)
+    common = {"max_examples": 5, "seed": 0, "layerwise": "off", "reproducer_dir": tmp_path}
+    raw = check_parity(model, "cpu", repairs="off", **common)
+    assert not raw.passed and raw.conversion.repairs == []
+    fixed = check_parity(model, "cpu", repairs="on", **common)
+    assert fixed.passed, str(fixed)
+    assert [r.name for r in fixed.conversion.repairs] == ["avgpool_border"]
+    border_only = check_parity(same_avgpool(tmp_path / "pool5x5.keras", 5), "cpu", **common)
+    assert border_only.passed and border_only.conversion.repairs == []  # one-sided overhang: right as is
