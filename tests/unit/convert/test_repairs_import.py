@@ -69,8 +69,17 @@ def test_import_repairs_are_registered() -> None:
 
 
 def test_batch_kinds_follow_cntk() -> None:
-    kinds = batch_kinds(concat_conv_and_input())
+    """As measured in CNTK 2.7: Conv/pool/BN free, inputs and Reshape static, an elementwise op
+    static as soon as one operand is, a constant operand no batch at all."""
+    model = concat_conv_and_input()
+    model.graph.initializer.append(numpy_helper.from_array(np.full((1, 3, 1, 1), 2, np.float32), "k"))
+    model.graph.initializer.append(numpy_helper.from_array(np.array([2, 3, 2, 2], np.int64), "shape"))
+    model.graph.node.extend([helper.make_node("Add", ["a", "b"], ["a_plus_b"], name="add"),
+                             helper.make_node("Mul", ["a", "k"], ["a_times_k"], name="mul"),
+                             helper.make_node("Reshape", ["a", "shape"], ["a_static"], name="reshape")])
+    kinds = batch_kinds(model)
     assert (kinds["x"], kinds["a"], kinds["b"]) == (STATIC, FREE, STATIC)
+    assert (kinds["a_plus_b"], kinds["a_times_k"], kinds["a_static"]) == (STATIC, FREE, STATIC)
 
 
 def test_concat_of_free_and_static_batch_gets_a_static_reshape_bit_identical() -> None:
