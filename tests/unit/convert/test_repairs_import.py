@@ -157,3 +157,33 @@ def test_cntk_drops_the_last_batch_row_of_a_raw_slice_and_not_of_the_repaired(wo
     assert raw.shape == (2, 5) and np.array_equal(raw, x[1:-1])  # INT64_MAX read as -1
     fixed, _ = run_repairs(model)
     assert np.array_equal(_in_cntk(worker, fixed, tmp_path / "repaired.onnx", x), x[1:])
+
+
+@pytest.mark.needs_cntk
+def test_batch_kinds_agree_with_the_batch_cntk_gives_each_tensor(worker, tmp_path: Path) -> None:
+    """CNTK reports a free batch as None in a loaded output's shape: every op the model knows,
+    on a static and on a free operand, must get the kind CNTK gives it."""
+    inits = [numpy_helper.from_array(np.eye(3, dtype=np.float32).reshape(3, 3, 1, 1), "W"),
+             numpy_helper.from_array(np.ones(3, np.float32), "one"), numpy_helper.from_array(np.zeros(3, np.float32), "zero"),
+             numpy_helper.from_array(np.full((1, 3, 1, 1), 2, np.float32), "k"),
+             numpy_helper.from_array(np.array([2, 3, 2, 2], np.int64), "shape")]
+    ops = [("Conv", ["x", "W"], {"kernel_shape": [1, 1]}), ("MaxPool", ["x"], {"kernel_shape": [1, 1]}),
+           ("AveragePool", ["x"], {"kernel_shape": [1, 1]}), ("GlobalAveragePool", ["x"], {}),
+           ("GlobalMaxPool", ["x"], {}), ("BatchNormalization", ["x", "one", "zero", "zero", "one"], {}),
+           ("Relu", ["x"], {}), ("Relu", ["t0"], {}), ("Add", ["t0", "x"], {}), ("Mul", ["t0", "k"], {}),
+           ("Reshape", ["t0", "shape"], {}), ("Transpose", ["t0"], {"perm": [0, 1, 3, 2]}),
+           ("Concat", ["t0", "t1"], {"axis": 1})]
+    nodes = [helper.make_node(op, ins, [f"t{i}"], name=f"n{i}", **attrs) for i, (op, ins, attrs) in enumerate(ops)]
+    model = _model(nodes, [2, 3, 2, 2], inits)
+    kinds = batch_kinds(model)
+    for i, (op, ins, _) in enumerate(ops):
+        single = onnx.ModelProto()
+        single.CopyFrom(model)
+        del single.graph.output[:]
+        single.graph.output.append(helper.make_tensor_value_info(f"t{i}", TensorProto.FLOAT, None))
+        path = tmp_path / f"t{i}.onnx"
+        onnx.save(single, str(path))
+        loaded = worker.load(path)
+        worker.unload(loaded)
+        cntk = FREE if loaded.outputs[0].shape[0] is None else STATIC
+        assert kinds[f"t{i}"] == cntk, f"{op}({', '.join(ins)}): CNTK gives a {cntk} batch"
