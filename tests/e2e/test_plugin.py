@@ -164,8 +164,8 @@ def test_conversion_failure_fails_parity_items_with_its_message(project: pytest.
 
 
 def test_graph_cntk_cannot_run_fails_convert_at_the_batch_under_test(project: pytest.Pytester) -> None:
-    """A graph that passes validation but that CNTK cannot run (a dilated Conv2D on the CPU, with
-    repairs off) fails ::convert, at batch 4, with one paragraph; the parity item gives the same paragraph, not
+    """A graph that passes validation but that CNTK cannot run (a dilated Conv2D on the CPU) fails
+    ::convert, at batch 4, with one paragraph; the parity item gives the same paragraph, not
     CNTK's text from inside a search, and the run's summary and JSON report carry the failure."""
     import subprocess
     import sys
@@ -176,7 +176,7 @@ def test_graph_cntk_cannot_run_fails_convert_at_the_batch_under_test(project: py
     subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from tests.support.keras_models "
                     "import dilated_conv; dilated_conv(Path(sys.argv[1]))", str(project.path)],
                    cwd=ROOT, check=True, capture_output=True, timeout=300)
-    result = project.runpytest_subprocess("--tf2cntk-model=dilated_conv.keras", "--tf2cntk-batch=4", RAW,
+    result = project.runpytest_subprocess("--tf2cntk-model=dilated_conv.keras", "--tf2cntk-batch=4",
                                           "--tf2cntk-devices=cpu", "--tf2cntk-report=r.json", "-v", *QUIET)
     assert result.ret == 1
     result.assert_outcomes(failed=2)

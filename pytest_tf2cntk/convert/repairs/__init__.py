@@ -74,4 +74,3 @@ from pytest_tf2cntk.convert.repairs import avgpool_border  # noqa: E402,F401
 from pytest_tf2cntk.convert.repairs import recurrent  # noqa: E402,F401
 from pytest_tf2cntk.convert.repairs import concat  # noqa: E402,F401
 from pytest_tf2cntk.convert.repairs import slice_ends  # noqa: E402,F401
-from pytest_tf2cntk.convert.repairs import dilation  # noqa: E402,F401
