@@ -177,6 +177,11 @@ def test_stdout_noise_in_the_worker_cannot_corrupt_frames(worker):
     got = worker.echo({"v": np.arange(3)}, stdout_noise="T2CK noise printed on fd 1")
     np.testing.assert_array_equal(got["v"], np.arange(3))
     assert worker.ping()["pid"] == pid == worker.pid
+    import time
+
+    deadline = time.monotonic() + 10  # stderr is read by a thread: on a busy machine it lags the reply
+    while "T2CK noise printed on fd 1" not in worker.stderr_tail(20) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert "T2CK noise printed on fd 1" in worker.stderr_tail(20)
 
 
