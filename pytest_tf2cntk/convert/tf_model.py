@@ -40,8 +40,8 @@ class ModelTensor(Jsonable):
             raise ModelLoadError(
                 f"Input '{self.name}' has free dimensions besides the batch ({_dims(self.shape)}, batch "
                 "first); parity tests need static shapes.",
-                hint=f"set them for the test with --tf2cntk-input-shape={self.name}:{example} (tf2cntk: "
-                     f"--input-shape; pyproject: [tool.tf2cntk.input_shapes] {self.name} = [{listed}]), "
+                hint=f"set them for the test with --tf2cntk-input-shape={self.name}:{example} (pyproject: "
+                     f"[tool.tf2cntk.input_shapes] {self.name} = [{listed}]), "
                      "or give the model a fixed input shape (keras.Input(shape=...))")
         return tuple(int(d) for d in dims)  # type: ignore[arg-type]
 
@@ -50,7 +50,7 @@ def _dims(shape: tuple[int | None, ...]) -> str:
     return "[" + ", ".join("None" if d is None else str(d) for d in shape) + "]"
 
 
-SHAPE_OPTION = "--tf2cntk-input-shape / tf2cntk --input-shape / [tool.tf2cntk.input_shapes]"
+SHAPE_OPTION = "--tf2cntk-input-shape / [tool.tf2cntk.input_shapes]"  # the CLI shows its own flag (cli_text)
 
 
 def fix_input_shapes(inputs: list[ModelTensor], shapes: tuple[tuple[str, tuple[int, ...]], ...],
