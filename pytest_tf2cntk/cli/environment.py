@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from pytest_tf2cntk.options import CNTK, add_arguments
+from pytest_tf2cntk.options import CNTK, add_arguments, cli_text
 from pytest_tf2cntk.tables import text_table
 
 HOST_PACKAGES = ("numpy", "tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime", "hypothesis", "pandas")
@@ -100,6 +100,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     from pytest_tf2cntk.tf_import import tensorflow
 
+    if args.cntk_python:  # a bad path given here is bad input (exit 2), not a finding of the doctor
+        env.resolve_cntk_python(args.cntk_python)
     tensorflow()  # quietly: its start-up lines are not the doctor's findings
     rows = host_rows()
     problems = [f"{r[1]} cannot be imported on the host ({r[3]}): pip install {r[1]}"
@@ -114,7 +116,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if problems:
         print("\nproblems:")
         for p in problems:
-            print(f"  - {p}")
+            print(f"  - {cli_text(p)}")
         return 1
     print("\nall good")
     return 0

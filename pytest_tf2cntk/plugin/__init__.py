@@ -110,7 +110,12 @@ def tf2cntk_model(request: pytest.FixtureRequest, tf2cntk_session: Tf2CntkSessio
     if not path.is_absolute():
         path = Path(str(request.config.rootpath)) / path
     kwargs = dict(marker.kwargs) if marker else {}
-    return tf2cntk_session.handle(path, budgets=kwargs.get("budgets"), inputs=kwargs.get("inputs"))
+    from pytest_tf2cntk.errors import ConfigError
+
+    try:
+        return tf2cntk_session.handle(path, budgets=kwargs.get("budgets"), inputs=kwargs.get("inputs"))
+    except ConfigError as exc:  # the marker's own values: the test errors at setup, in one paragraph
+        pytest.fail(f"pytest-tf2cntk: {exc}", pytrace=False)
 
 
 @pytest.fixture
