@@ -217,6 +217,10 @@ def detect_kind(path: Path) -> str:
             f"Directory {path} is not a TensorFlow SavedModel: it has no saved_model.pb "
             f"(found: {', '.join(sorted(entries)[:5])}{', ...' if len(entries) > 5 else ''}).",
             hint="export with model.export(dir) or tf.saved_model.save(obj, dir)")
+    if not path.is_file():  # reading a FIFO would wait for a writer forever
+        raise ModelLoadError(f"Model path {path} is not a regular file or directory (a FIFO, socket or "
+                             "device), so it cannot be a model.",
+                             hint="point at a SavedModel directory, a .keras file or an .h5 file")
     suffix = path.suffix.lower()
     if suffix == ".keras":
         if not zipfile.is_zipfile(path):
