@@ -100,6 +100,19 @@ SHAPE_SYNTAX = ("NAME:SHAPE, SHAPE the input's dimensions after the batch axis a
                 "joined by x, e.g. image:64x64x3")
 
 
+def output_file(raw: Any, what: str) -> str:
+    """A file to be written at the end: refused now if it cannot be one, not after the run."""
+    path = Path(str(raw))
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory, and {what} is a file: give a file path, e.g. "
+                          f"{path / 'report.json'}")
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ConfigError(f"{path} cannot be created: {blocker} is a file, not a directory; give a path "
+                          "in a directory")
+    return str(raw)
+
+
 def parse_input_shapes(raw: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """Fixed input shapes, sorted by name: "name:64x64x3" texts (command line, ini, a TOML list),
     a table {name: [64, 64, 3] or "64x64x3"} or (name, dims) pairs. ValueError names the entry."""
@@ -167,7 +180,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("cntk_python", None, "python of the CNTK 2.7 environment (default: $TF2CNTK_CNTK_PYTHON, "
                                 "then the `tf2cntk setup` environment)", metavar="PATH", group=CNTK),
     Option("report", None, "write a JSON report of every conversion and parity check here",
-           metavar="PATH"),
+           metavar="PATH", parser=lambda raw: output_file(raw, "the report")),
     Option("unsafe_load", False, "allow Keras models with Lambda layers (runs their Python code)", "bool",
            group=CONVERSION),
     Option("cache_dir", None, "conversion cache (default: $TF2CNTK_CACHE_DIR or "

@@ -29,6 +29,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", f"{MARKER}(model=None, budgets=None, inputs=None): "
                                        "configure pytest-tf2cntk for this test")
     rootdir = Path(str(config.rootpath))
+    for path in opts.ignored_pyprojects(config.invocation_params.dir, rootdir):
+        config.issue_config_time_warning(pytest.PytestConfigWarning(f"pytest-tf2cntk: {opts.ignored_note(path, rootdir)}"),
+                                         stacklevel=2)
     try:
         settings = opts.resolve(config.getoption, config.getini, rootdir, opts.read_pyproject(rootdir))
     except ValueError as exc:

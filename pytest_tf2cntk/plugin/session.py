@@ -356,12 +356,16 @@ class Tf2CntkSession:
             return
         from pytest_tf2cntk.plugin import summary
 
+        self._record_history(exitstatus)  # first: a report that cannot be written must not lose the row
         if self.settings.report:
-            summary.write_report(Path(self.settings.report), summary.report(
-                self.run, started=self.started, exitstatus=exitstatus, settings=self.settings_json(),
-                models=[self.rel(m) for m in self.settings.models]))
-            self.notes.append(f"tf2cntk: JSON report written to {self.settings.report}")
-        self._record_history(exitstatus)
+            try:
+                summary.write_report(Path(self.settings.report), summary.report(
+                    self.run, started=self.started, exitstatus=exitstatus, settings=self.settings_json(),
+                    models=[self.rel(m) for m in self.settings.models]))
+                self.notes.append(f"tf2cntk: JSON report written to {self.settings.report}")
+            except OSError as exc:
+                self.notes.append(f"tf2cntk: JSON report not written to {self.settings.report}: "
+                                  f"{exc.strerror or exc}; give --tf2cntk-report a file path you can write")
         step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
         if step_summary:
             with open(step_summary, "a", encoding="utf-8") as fh:
