@@ -294,7 +294,7 @@ def test_fully_convolutional_model_needs_and_takes_a_fixed_input_shape(pytester:
     pytester.makepyprojecttoml("[tool.tf2cntk.input_shapes]\nimage = [16, 16]\n")
     wrong = pytester.runpytest_subprocess(*args)
     wrong.assert_outcomes(failed=2)
-    wrong.stdout.fnmatch_lines(["*The input shape image:16x16 (--tf2cntk-input-shape / tf2cntk --input-shape / "
+    wrong.stdout.fnmatch_lines(["*The input shape image:16x16 (--tf2cntk-input-shape / "
                                 "[[]tool.tf2cntk.input_shapes[]]) gives 2 dimension(s), but input 'image'*"])
     bad = pytester.runpytest_subprocess(*args, "--tf2cntk-input-shape=image=16x16x3")
     assert bad.ret == 4
