@@ -100,16 +100,20 @@ SHAPE_SYNTAX = ("NAME:SHAPE, SHAPE the input's dimensions after the batch axis a
                 "joined by x, e.g. image:64x64x3")
 
 
-def output_file(raw: Any, what: str) -> str:
-    """A file to be written at the end: refused now if it cannot be one, not after the run."""
+def output_file(raw: Any, what: str, example: str = "report.json", makes_dirs: bool = True) -> str:
+    """A file to be written at the end: refused now if it cannot be one, not after the (slow) work;
+    ``makes_dirs``: its writer creates missing directories."""
     path = Path(str(raw))
     if path.is_dir():
         raise ConfigError(f"{path} is a directory, and {what} is a file: give a file path, e.g. "
-                          f"{path / 'report.json'}")
+                          f"{path / example}")
     blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
     if blocker is not None:
         raise ConfigError(f"{path} cannot be created: {blocker} is a file, not a directory; give a path "
                           "in a directory")
+    if not makes_dirs and not path.parent.is_dir():
+        raise ConfigError(f"the directory of {what} {path} does not exist ({path.parent})",
+                          hint=f"create it first (mkdir -p {path.parent}) or write elsewhere")
     return str(raw)
 
 
@@ -434,8 +438,9 @@ def parse_input_ranges(table: Mapping[str, Any] | None, source: str) -> dict[str
 
 
 def parse_budget_table(table: Mapping[str, Any] | None, source: str = "[tool.tf2cntk.budgets]") -> dict[str, Any]:
-    """``[tool.tf2cntk.budgets]`` (or a marker's ``budgets=``, named by ``source``): numbers >= 0 per op type (and headroom, scale,
-    noise_factor, floor_ulps, run_factor), a sub-table ``outputs`` of positive numbers per output,
+    """``[tool.tf2cntk.budgets]`` (or a marker's ``budgets=``, named by ``source``): numbers >= 0
+    per op type (and headroom, scale, noise_factor, floor_ulps, run_factor), a sub-table
+    ``outputs`` of numbers >= 0 per output,
     and ``models``: per model path (relative to the rootdir), a budget table of its own that
     applies to that model only (``budgets_for``)."""
     if table is not None and not isinstance(table, Mapping):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_tf2cntk.options import (CALIBRATE, CNTK, CONVERSION, PARITY, add_arguments, cli_text, find_rootdir,
-                                    from_args, given, ignored_note, ignored_pyprojects, parse_devices,
+                                    from_args, given, ignored_note, ignored_pyprojects, output_file, parse_devices,
                                     project_tables, read_pyproject, tool_table)
 
 
@@ -35,19 +35,10 @@ def _project() -> dict[str, Any]:
     return tool_table(read_pyproject(rootdir))
 
 
-def _writable(path: str | None, what: str) -> None:
-    """An output file's directory must exist before the (slow) work that fills it."""
-    if path is None:
-        return
-    from pytest_tf2cntk.errors import ConfigError
-
-    target = Path(path)
-    if target.is_dir():
-        raise ConfigError(f"{what} {path} is a directory", hint="give a file path, e.g. "
-                                                               f"{target / 'model.onnx'}")
-    if not target.parent.is_dir():
-        raise ConfigError(f"the directory of {what} {path} does not exist ({target.parent})",
-                          hint=f"create it first (mkdir -p {target.parent}) or write elsewhere")
+def _writable(path: str | None, what: str, example: str) -> None:
+    """An output file is checked before the (slow) work that fills it; its directory must exist."""
+    if path is not None:
+        output_file(path, what, example, makes_dirs=False)
 
 
 def _conversion(args: argparse.Namespace, tool: dict[str, Any], base: Any = None) -> Any:
@@ -80,7 +71,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     import shutil
 
     tool = _project()
-    _writable(args.output, "-o/--output")
+    _writable(args.output, "-o/--output", "model.onnx")
     conv = _convert(args.model, _conversion(args, tool))
     _show(conv.report())
     if args.output:
@@ -155,7 +146,7 @@ def cmd_localize(args: argparse.Namespace) -> int:
     from pytest_tf2cntk.validate import project_budgets
 
     tool = _project()
-    _writable(args.json, "--json")
+    _writable(args.json, "--json", "result.json")
     rep = None
     if args.input:
         from pytest_tf2cntk.parity.reproducer import read_reproducer
@@ -194,7 +185,7 @@ def cmd_localize(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from pytest_tf2cntk.parity.calibrate import calibrate
     tool = _project()
-    _writable(args.json, "--json")
+    _writable(args.json, "--json", "result.json")
     tables = project_tables(tool)
     values = from_args(args, CNTK, CALIBRATE, "edge_values", tool=tool)
     cal = calibrate(args.model, key=_project_relative(args.model), device=args.device,

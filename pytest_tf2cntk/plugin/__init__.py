@@ -30,8 +30,8 @@ def pytest_configure(config: pytest.Config) -> None:
                                        "configure pytest-tf2cntk for this test")
     rootdir = Path(str(config.rootpath))
     for path in opts.ignored_pyprojects(config.invocation_params.dir, rootdir):
-        config.issue_config_time_warning(pytest.PytestConfigWarning(f"pytest-tf2cntk: {opts.ignored_note(path, rootdir)}"),
-                                         stacklevel=2)
+        note = f"pytest-tf2cntk: {opts.ignored_note(path, rootdir)}"
+        config.issue_config_time_warning(pytest.PytestConfigWarning(note), stacklevel=2)
     try:
         settings = opts.resolve(config.getoption, config.getini, rootdir, opts.read_pyproject(rootdir))
     except ValueError as exc:

@@ -214,7 +214,8 @@ class Tf2CntkSession:
             reference=s.reference,
             budgets={**budgets_for(s.budgets, model), **parse_budget_table(budgets, MARKER_BUDGETS)},
             budget_scale=s.budget_scale,
-            inputs={**s.inputs, **parse_input_ranges(inputs, MARKER_INPUTS)}, edge_values=s.edge_values, cntk_python=s.cntk_python,
+            inputs={**s.inputs, **parse_input_ranges(inputs, MARKER_INPUTS)}, edge_values=s.edge_values,
+            cntk_python=s.cntk_python,
             reproducer_dir=self.rootdir / ".tf2cntk" / "reproducers",
             layerwise="always" if s.layerwise else "on-failure", database=self._database())
         values.update(overrides)

@@ -52,6 +52,12 @@ def _fifo(tmp: Path) -> str:
     return str(path)
 
 
+def _with_lambda(tmp: Path) -> str:
+    from tests.support.small_models import built_apart
+
+    return str(built_apart("with_lambda", tmp / "lambda.keras"))
+
+
 def _pyproject(text: str) -> Callable[[Path], str]:
     def write(tmp: Path) -> str:
         (tmp / "pyproject.toml").write_text(text)
@@ -89,6 +95,10 @@ CLI_CASES = [
                                                            "fix: point at a SavedModel directory"], []),
     ("input-shape-hint-own-flag", ["convert", MLP, "--no-load", "--input-shape", "nope:4"], None,
      ["names an input", "--input-shape"], ["--tf2cntk-"]),
+    ("batch-hint-own-flag", ["convert", str(FIXTURES / "lstm.keras"), "--batch", "2", "--no-load", "--repairs", "off"],
+     None, ["CNTK's RNN importer assumes batch 1", "hint: test this model at --batch 1"], ["--tf2cntk-"]),
+    ("unsafe-load-hint-own-flag", ["convert", "{}", "--no-load"], _with_lambda,
+     ["Lambda", "pass --unsafe-load"], ["--tf2cntk-"]),
     ("budget-op-misspelled", ["check", "{}", "--devices", "cpu"], _pyproject("[tool.tf2cntk.budgets]\nGemmm = 4\n"),
      ["[tool.tf2cntk.budgets] Gemmm: 'Gemmm' is no ONNX op type", "did you mean Gemm"], []),
     ("input-misspelled", ["check", "{}", "--devices", "cpu"], _pyproject("[tool.tf2cntk.inputs]\nxx = [0.0, 1.0]\n"),
@@ -171,6 +181,7 @@ def test_the_plugin_refuses_bad_configuration_in_one_paragraph(pytester: pytest.
     assert result.ret == code, out
     for text in says:
         assert text in out, (text, out)
+    assert "corrupt" not in out and "mv '" not in out, out  # a history that cannot be made is no broken file
     _no_traceback(out)
 
 
