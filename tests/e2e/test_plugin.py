@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import xml.etree.ElementTree as ET
 
@@ -299,3 +300,24 @@ def test_fully_convolutional_model_needs_and_takes_a_fixed_input_shape(pytester:
     bad = pytester.runpytest_subprocess(*args, "--tf2cntk-input-shape=image=16x16x3")
     assert bad.ret == 4
     bad.stderr.fnmatch_lines(["*pytest-tf2cntk: --tf2cntk-input-shape: 'image=16x16x3' is not NAME:SHAPE*"])
+
+
+@pytest.mark.needs_cntk
+def test_check_and_pytest_judge_a_model_by_the_same_project_tables(pytester: pytest.Pytester) -> None:
+    """An impossible budget for probs in [tool.tf2cntk.budgets] (the a-priori rule, so the budget
+    decides) and an input range: `tf2cntk check` fails the model as the parity item does, by
+    that budget, on inputs drawn from that range (#12 item 16)."""
+    from tests.e2e.test_cli import run
+
+    shutil.copy(FIXTURES / "mlp.keras", pytester.path / "mlp.keras")
+    pytester.makepyprojecttoml("[tool.tf2cntk]\nreference = 'off'\n[tool.tf2cntk.budgets.outputs]\nprobs = 1e-30\n"
+                               "[tool.tf2cntk.inputs]\nx = [0.25, 0.5]\n")
+    cli = run("check", "mlp.keras", "--devices", "cpu", "--max-examples", "2", cwd=pytester.path)
+    plugin = pytester.runpytest_subprocess("--tf2cntk-model=mlp.keras", "--tf2cntk-devices=cpu", *QUIET)
+    plugin.assert_outcomes(passed=1, failed=1)
+    assert cli.returncode == 1, cli.stdout + cli.stderr
+    for out in (cli.stdout, plugin.stdout.str()):
+        assert "output 'probs' failed: scaled error" in out and "> user budget 1e-30" in out, out
+        drawn = re.search(r"input: x: (?:constant (\S+)|\w+ in \[([^,]+), ([^\]]+)\])", out)
+        assert drawn, out
+        assert all(0.25 <= float(v) <= 0.5 for v in drawn.groups() if v), drawn.group(0)
