@@ -193,7 +193,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                     examples=values["examples"], margin=values["margin"], cntk_python=values["cntk_python"],
                     budgets=tables["budgets"], inputs=tables["inputs"], edge_values=values["edge_values"],
                     progress=lambda m: _say(f"calibrate: {m}"))
-    print(cal.to_toml(), end="")
+    print(cli_text(cal.to_toml()), end="")  # its comments name the verdict flag: ours here
     if args.json:
         Path(args.json).write_text(json.dumps(cal.to_json(), indent=1), "utf-8")
     return 0 if cal.overrides else 1
