@@ -85,6 +85,13 @@ class DeviceUnavailable(Tf2CntkError):
     """A backend cannot use the requested device; the pytest layer turns this into a skip."""
 
 
+class ConfigError(Tf2CntkError, ValueError):
+    """A bad option value, table entry or name in the configuration (pytest options, the ini,
+    pyproject tables, a marker, the CLI's flags). A ValueError too, so an option's validator
+    raises it where a ValueError is expected. CLI: exit 2; pytest: a usage error (exit 4) before
+    the run, or the failed item's one-paragraph message once the model is converted."""
+
+
 class HistoryError(Tf2CntkError):
     """The history database cannot be used (corrupt, foreign, newer schema, unknown run or tag).
 

@@ -20,10 +20,13 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from pytest_tf2cntk.devices import normalize_device
+from pytest_tf2cntk.errors import ConfigError
 
 CONVERSION, CNTK, PARITY, HISTORY, PLUGIN = "conversion", "cntk", "parity", "history", "plugin"
 CALIBRATE, REPORT = "calibrate", "report"  # `tf2cntk calibrate` / `tf2cntk report` only: not pytest options
 TABLES = ("budgets", "inputs")  # [tool.tf2cntk.*] tables that are not options
+# [tool.tf2cntk.budgets] keys that are settings of the rule, not op types (BudgetConfig.from_mapping)
+BUDGET_SETTINGS = ("headroom", "scale", "noise_factor", "floor_ulps", "run_factor")
 ROOT_MARKERS = ("pyproject.toml", "pytest.ini", "tox.ini", "setup.cfg", ".git")  # as pytest finds its rootdir
 
 
@@ -117,6 +120,23 @@ SHAPE_SYNTAX = ("NAME:SHAPE, SHAPE the input's dimensions after the batch axis a
                 "joined by x, e.g. image:64x64x3")
 
 
+def output_file(raw: Any, what: str, example: str = "report.json", makes_dirs: bool = True) -> str:
+    """A file to be written at the end: refused now if it cannot be one, not after the (slow) work;
+    ``makes_dirs``: its writer creates missing directories."""
+    path = Path(str(raw))
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory, and {what} is a file: give a file path, e.g. "
+                          f"{path / example}")
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ConfigError(f"{path} cannot be created: {blocker} is a file, not a directory; give a path "
+                          "in a directory")
+    if not makes_dirs and not path.parent.is_dir():
+        raise ConfigError(f"the directory of {what} {path} does not exist ({path.parent})",
+                          hint=f"create it first (mkdir -p {path.parent}) or write elsewhere")
+    return str(raw)
+
+
 def parse_input_shapes(raw: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """Fixed input shapes, sorted by name: "name:64x64x3" texts (command line, ini, a TOML list),
     a table {name: [64, 64, 3] or "64x64x3"} or (name, dims) pairs. ValueError names the entry."""
@@ -168,7 +188,7 @@ OPTIONS: tuple[Option, ...] = (
                          "relative to rootdir)", "list", "PATH", pytest_flag="--tf2cntk-model"),
     Option("devices", "cpu,gpu", "devices to test, comma separated: cpu, gpu, gpu:N "
                                  "(a device that cannot be used is skipped with the reason)", metavar="LIST",
-           group=PARITY),
+           group=PARITY, parser=lambda raw: ",".join(parse_devices(raw))),
     Option("max_examples", 20, "Hypothesis examples per model and device", "int", "N", minimum=1, group=PARITY),
     Option("batch", 1, "fixed batch size the model is converted and tested at", "int", "N", minimum=1,
            group=CONVERSION),
@@ -184,7 +204,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("cntk_python", None, "python of the CNTK 2.7 environment (default: $TF2CNTK_CNTK_PYTHON, "
                                 "then the `tf2cntk setup` environment)", metavar="PATH", group=CNTK),
     Option("report", None, "write a JSON report of every conversion and parity check here",
-           metavar="PATH"),
+           metavar="PATH", parser=lambda raw: output_file(raw, "the report")),
     Option("unsafe_load", False, "allow Keras models with Lambda layers (runs their Python code)", "bool",
            group=CONVERSION),
     Option("cache_dir", None, "conversion cache (default: $TF2CNTK_CACHE_DIR or "
@@ -239,16 +259,18 @@ def group(name: str) -> list[Option]:
     return [o for o in OPTIONS if o.group == name]
 
 
-def parse_devices(text: str, source: str) -> tuple[str, ...]:
-    """'cpu, gpu:1' -> ('cpu', 'gpu:1'); ids keep the user's spelling ('gpu', 'gpu:1')."""
-    devices = [d.strip().lower() for d in str(text).split(",") if d.strip()]
+def parse_devices(text: str | list[str] | tuple[str, ...], source: str = "") -> tuple[str, ...]:
+    """'cpu, gpu:1' (or a TOML list) -> ('cpu', 'gpu:1'); ids keep the user's spelling."""
+    items = str(text).split(",") if isinstance(text, str) else [str(t) for t in text]
+    devices = [d.strip().lower() for d in items if d.strip()]
+    prefix = f"{source}: " if source else ""
     try:
         for d in devices:
             normalize_device(d)
     except ValueError as exc:
-        raise ValueError(f"{source}: {exc}") from None
+        raise ConfigError(f"{prefix}{exc}") from None
     if not devices:
-        raise ValueError(f"{source}: no device given (use cpu, gpu or gpu:N)")
+        raise ConfigError(f"{prefix}no device given in {text!r}: name at least one, e.g. cpu or cpu,gpu:0")
     return tuple(dict.fromkeys(devices))
 
 
@@ -371,6 +393,35 @@ def read_pyproject(rootdir: Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid TOML: {exc}") from None
 
 
+def ignored_pyprojects(start: str | Path, rootdir: Path) -> list[Path]:
+    """pyproject.toml files with a ``[tool.tf2cntk]`` table between ``start`` and the filesystem
+    root, other than the rootdir's: they are not read, and a user who wrote one should be told."""
+    import tomllib
+
+    own = (Path(rootdir) / "pyproject.toml").resolve()
+    here = Path(start).resolve()
+    found = []
+    for d in (here, *here.parents):
+        path = d / "pyproject.toml"
+        if path.resolve() == own or not path.is_file():
+            continue
+        try:
+            with open(path, "rb") as fh:
+                table = tomllib.load(fh).get("tool", {}).get("tf2cntk")
+        except (OSError, tomllib.TOMLDecodeError):
+            continue  # not ours to judge: it is not read
+        if table:
+            found.append(path)
+    return found
+
+
+def ignored_note(path: Path, rootdir: Path) -> str:
+    return (f"{path} has a [tool.tf2cntk] table that is ignored: pytest-tf2cntk and tf2cntk read "
+            f"[tool.tf2cntk] only from the pyproject.toml of the rootdir, {rootdir}. Move the table "
+            f"into {Path(rootdir) / 'pyproject.toml'}, or make {path.parent} the rootdir "
+            f"(pytest --rootdir={path.parent}, or run from there)")
+
+
 def tool_table(pyproject: Mapping[str, Any] | None) -> dict[str, Any]:
     """``[tool.tf2cntk]``, its keys checked against the option table."""
     tool = dict((pyproject or {}).get("tool", {}).get("tf2cntk", {}) or {})
@@ -393,36 +444,46 @@ def project_tables(tool: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def parse_input_ranges(table: Mapping[str, Any] | None, source: str) -> dict[str, tuple[float, float]]:
-    """``{name: [low, high]}`` with finite low < high."""
+    """``{name: [low, high]}`` with finite low < high; ConfigError names the entry."""
+    if table is not None and not isinstance(table, Mapping):
+        raise ConfigError(f"{source} = {table!r}: expected a table of input = [low, high], e.g. x = [0.0, 1.0]")
     out = {}
     for name, value in (table or {}).items():
         try:
+            if isinstance(value, (str, bytes)) or any(isinstance(v, bool) for v in value):
+                raise TypeError
             low, high = (float(v) for v in value)
         except (TypeError, ValueError):
-            raise ValueError(f"{source} {name} = {value!r}: expected [low, high], e.g. [0.0, 1.0]") from None
+            raise ConfigError(f"{source} {name} = {value!r}: an input range is two numbers [low, high], "
+                              f"e.g. {name} = [0.0, 1.0]") from None
         if not (math.isfinite(low) and math.isfinite(high) and low < high):
-            raise ValueError(f"{source} {name} = {value!r}: expected finite low < high")
+            raise ConfigError(f"{source} {name} = {value!r}: an input range needs finite low < high; "
+                              f"give [{min(low, high):g}, {max(low, high):g}] if that was meant")
         out[str(name)] = (low, high)
     return out
 
 
 def parse_budget_table(table: Mapping[str, Any] | None, source: str = "[tool.tf2cntk.budgets]") -> dict[str, Any]:
-    """``[tool.tf2cntk.budgets]``: positive numbers per op type (and headroom, scale,
-    noise_factor, floor_ulps, run_factor), a sub-table ``outputs`` of positive numbers per output,
+    """``[tool.tf2cntk.budgets]`` (or a marker's ``budgets=``, named by ``source``): numbers >= 0
+    per op type (and headroom, scale, noise_factor, floor_ulps, run_factor), a sub-table
+    ``outputs`` of numbers >= 0 per output,
     and ``models``: per model path (relative to the rootdir), a budget table of its own that
     applies to that model only (``budgets_for``)."""
+    if table is not None and not isinstance(table, Mapping):
+        raise ConfigError(f"{source} = {table!r}: expected a table of op type = ulps, e.g. Gemm = 4")
     out: dict[str, Any] = {}
     for key, value in (table or {}).items():
         if key == "models" and source == "[tool.tf2cntk.budgets]":
             if not isinstance(value, Mapping) or not all(isinstance(v, Mapping) for v in value.values()):
-                raise ValueError('[tool.tf2cntk.budgets.models] must hold one table per model path, e.g. '
+                raise ConfigError('[tool.tf2cntk.budgets.models] must hold one table per model path, e.g. '
                                  '[tool.tf2cntk.budgets.models."models/net.keras".outputs]')
             out[key] = {model_key(k): parse_budget_table(v, f'[tool.tf2cntk.budgets.models."{k}"]')
                         for k, v in value.items()}
         elif key == "outputs":
             if not isinstance(value, Mapping):
-                raise ValueError(f"{source[:-1]}.outputs] must be a table of output = budget")
-            out[key] = {str(k): _positive(f"{source[:-1]}.outputs] {k}", v) for k, v in value.items()}
+                raise ConfigError(f"{_sub(source, 'outputs')} must be a table of output = budget, "
+                                  "e.g. probs = 1e-5")
+            out[key] = {str(k): _positive(f"{_sub(source, 'outputs')} {k}", v) for k, v in value.items()}
         else:
             out[str(key)] = _positive(f"{source} {key}", value)
     return out
@@ -445,14 +506,31 @@ def budgets_for(table: Mapping[str, Any] | None, model: str | os.PathLike) -> di
     return merged
 
 
+def _sub(source: str, name: str) -> str:
+    """The name of a sub-table: [tool.tf2cntk.budgets] -> [tool.tf2cntk.budgets.outputs]; a marker's
+    budgets= -> its outputs entry."""
+    return f"{source[:-1]}.{name}]" if source.endswith("]") else f"{source} {name}:"
+
+
 def _positive(source: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{source} = {value!r}: expected a number >= 0")
+        raise ConfigError(f"{source} = {value!r}: a budget is a finite number >= 0 (a number, not a "
+                          "text: write 4 or 1e-5, without quotes)")
     return float(value)
 
 
 # ---------------------------------------------------------------------------------------------
 # the tf2cntk command: the same options as --NAME, by group
+
+
+def cli_text(text: str) -> str:
+    """A core message as the tf2cntk command shows it: each pytest flag (--tf2cntk-batch) becomes
+    the command's own (--batch). The core names pytest's flags; the CLI translates on output, so a
+    message stored in the conversion cache reads right in both front ends."""
+    import re
+
+    flags = {o.flag: o.cli_flag for o in PYTEST_OPTIONS if o.group != PLUGIN}  # PLUGIN: pytest's alone
+    return re.sub(r"--tf2cntk-[a-z0-9-]+", lambda m: flags.get(m.group(0), m.group(0)), text)
 
 
 def selected(*picks: str, skip: tuple[str, ...] = ()) -> list[Option]:

@@ -28,7 +28,9 @@ FAMILIES: dict[str, tuple[str, ...]] = {
 
 
 def _err(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    from pytest_tf2cntk.options import cli_text
+
+    print(cli_text(msg), file=sys.stderr, flush=True)  # a core message names pytest's flags: ours here
 
 
 def _missing(family: str, exc: BaseException) -> Callable[[argparse._SubParsersAction], None]:

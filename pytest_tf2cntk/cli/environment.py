@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from pytest_tf2cntk.options import CNTK, add_arguments
+from pytest_tf2cntk.options import CNTK, add_arguments, cli_text
 from pytest_tf2cntk.tables import text_table
 from pytest_tf2cntk.tf_import import tensorflow
 
@@ -98,7 +98,10 @@ def cntk_rows(python: Path, problems: list[str]) -> list[Row]:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from pytest_tf2cntk.cntk import env
     from pytest_tf2cntk.errors import Tf2CntkError
+    from pytest_tf2cntk.tf_import import tensorflow
 
+    if args.cntk_python:  # a bad path given here is bad input (exit 2), not a finding of the doctor
+        env.resolve_cntk_python(args.cntk_python)
     try:
         tensorflow()  # quietly: its start-up lines are not the doctor's findings
     except Exception:
@@ -116,7 +119,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if problems:
         print("\nproblems:")
         for p in problems:
-            print(f"  - {p}")
+            print(f"  - {cli_text(p)}")
         return 1
     print("\nall good")
     return 0

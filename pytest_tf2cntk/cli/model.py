@@ -12,17 +12,33 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pytest_tf2cntk.options import (CALIBRATE, CNTK, CONVERSION, PARITY, add_arguments, budgets_for, find_rootdir,
-                                    from_args, given, parse_devices, project_tables, read_pyproject, tool_table)
+from pytest_tf2cntk.options import (CALIBRATE, CNTK, CONVERSION, PARITY, add_arguments, cli_text, find_rootdir,
+                                    from_args, given, ignored_note, ignored_pyprojects, output_file, parse_devices,
+                                    project_tables, read_pyproject, tool_table)
 
 
 def _say(msg: str) -> None:
-    print(f"tf2cntk: {msg}", file=sys.stderr, flush=True)
+    print(f"tf2cntk: {cli_text(msg)}", file=sys.stderr, flush=True)
+
+
+def _show(text: Any) -> None:
+    """A result or report on stdout, its hints naming this command's flags."""
+    print(cli_text(str(text)))
 
 
 def _project() -> dict[str, Any]:
-    """``[tool.tf2cntk]`` of the project around the current directory, validated."""
-    return tool_table(read_pyproject(find_rootdir()))
+    """``[tool.tf2cntk]`` of the project around the current directory, validated; a table in
+    another pyproject.toml on the way up is ignored, and said to be."""
+    rootdir = find_rootdir()
+    for path in ignored_pyprojects(Path.cwd(), rootdir):
+        _say(f"note: {ignored_note(path, rootdir)}")
+    return tool_table(read_pyproject(rootdir))
+
+
+def _writable(path: str | None, what: str, example: str) -> None:
+    """An output file is checked before the (slow) work that fills it; its directory must exist."""
+    if path is not None:
+        output_file(path, what, example, makes_dirs=False)
 
 
 def _conversion(args: argparse.Namespace, tool: dict[str, Any], base: Any = None) -> Any:
@@ -55,10 +71,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
     import shutil
 
     tool = _project()
+    _writable(args.output, "-o/--output", "model.onnx")
     conv = _convert(args.model, _conversion(args, tool))
-    print(conv.report())
+    _show(conv.report())
     if args.output:
-        shutil.copyfile(conv.onnx_path, args.output)
+        try:
+            shutil.copyfile(conv.onnx_path, args.output)
+        except OSError as exc:
+            from pytest_tf2cntk.errors import ConfigError
+
+            raise ConfigError(f"cannot write -o/--output {args.output}: {exc.strerror or exc}",
+                              hint="write it to a directory you can write to") from None
         print(f"written   {args.output}")
     if not args.no_load:
         from pytest_tf2cntk.parity.runners import check_cntk_runs
@@ -76,24 +99,26 @@ def cmd_check(args: argparse.Namespace) -> int:
     from pytest_tf2cntk.parity.engine import run_check
     from pytest_tf2cntk.parity.options import ParityOptions
 
+    from pytest_tf2cntk.validate import project_budgets
+
     tool = _project()
-    conv = _convert(args.model, _conversion(args, tool))
-    values = from_args(args, PARITY, CNTK, tool=tool)
+    values = from_args(args, PARITY, CNTK, tool=tool)  # every value checked before the conversion
     devices = parse_devices(values.pop("devices"), "--devices")
     values.pop("timeout")
     tables = project_tables(tool)
-    tables["budgets"] = budgets_for(tables["budgets"], _project_relative(args.model))
+    conv = _convert(args.model, _conversion(args, tool))
+    tables["budgets"] = project_budgets(tables, conv.onnx_model, _project_relative(args.model))  # as pytest
     options = ParityOptions.build(**values, **tables, cntk_onnx=args.cntk_onnx)
     ran, failed = 0, 0
     for device in devices:
         try:
             result = run_check(conv, device, options)
         except DeviceUnavailable as exc:
-            print(f"tf2cntk check: {device}: skipped: {exc.message}")
+            _show(f"tf2cntk check: {device}: skipped: {exc.message}")
             continue
         ran += 1
         failed += not result.passed
-        print(result)
+        _show(result)
     if not ran:
         print(f"tf2cntk check: no device could run the check ({', '.join(devices)}): nothing was checked")
         return 1
@@ -105,7 +130,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     values = from_args(args, "cntk_python", "cache_dir", tool=_project())
     result = replay(args.file, cntk_python=values["cntk_python"], cache_dir=values["cache_dir"])
-    print(result)
+    _show(result)
     print("\nstill failing" if not result.passed else "\npasses now (fixed, or the failure needs its "
           "original environment: compare the versions stored in the file)")
     return 0 if result.passed else 1
@@ -118,7 +143,10 @@ def cmd_localize(args: argparse.Namespace) -> int:
 
     from pytest_tf2cntk.parity.localize.scan import localize
 
+    from pytest_tf2cntk.validate import project_budgets
+
     tool = _project()
+    _writable(args.json, "--json", "result.json")
     rep = None
     if args.input:
         from pytest_tf2cntk.parity.reproducer import read_reproducer
@@ -141,11 +169,12 @@ def cmd_localize(args: argparse.Namespace) -> int:
             elif Path(rep.meta.cntk_onnx_path).exists():
                 cntk_onnx = rep.meta.cntk_onnx_path
         loc = localize(conv, feeds, cntk_onnx=cntk_onnx, device=device, confirm=not args.no_confirm,
-                       time_budget_s=args.time_budget, budgets=project_tables(tool)["budgets"],
+                       time_budget_s=args.time_budget,
+                       budgets=project_budgets(project_tables(tool), conv.onnx_model, _project_relative(args.model)),
                        cntk_python=from_args(args, CNTK, tool=tool)["cntk_python"])
-    text = str(loc)
+    text = cli_text(str(loc))
     if args.limit != 10:
-        text = text.replace(loc.table(), loc.table(args.limit))
+        text = text.replace(cli_text(loc.table()), cli_text(loc.table(args.limit)))
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(loc.to_json(), indent=1))
@@ -156,6 +185,7 @@ def cmd_localize(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from pytest_tf2cntk.parity.calibrate import calibrate
     tool = _project()
+    _writable(args.json, "--json", "result.json")
     tables = project_tables(tool)
     values = from_args(args, CNTK, CALIBRATE, "edge_values", tool=tool)
     cal = calibrate(args.model, key=_project_relative(args.model), device=args.device,
@@ -163,7 +193,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                     examples=values["examples"], margin=values["margin"], cntk_python=values["cntk_python"],
                     budgets=tables["budgets"], inputs=tables["inputs"], edge_values=values["edge_values"],
                     progress=lambda m: _say(f"calibrate: {m}"))
-    print(cal.to_toml(), end="")
+    print(cli_text(cal.to_toml()), end="")  # its comments name the verdict flag: ours here
     if args.json:
         Path(args.json).write_text(json.dumps(cal.to_json(), indent=1), "utf-8")
     return 0 if cal.overrides else 1

@@ -162,7 +162,7 @@ class CNTKWorker:
             raise EnvironmentProblem(
                 f"Cannot start the CNTK Python interpreter {python}: {exc.strerror or exc}.",
                 hint="run `tf2cntk setup`, or give the python of a working CNTK 2.7 venv "
-                     "(--tf2cntk-cntk-python in pytest, --cntk-python in tf2cntk)") from exc
+                     "(--tf2cntk-cntk-python)") from exc
         proc = WorkerProcess(popen, self._ring.drain(popen.stderr.fileno()))
         proc.deadline = time.monotonic() + self.start_timeout
         try:

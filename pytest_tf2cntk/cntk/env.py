@@ -65,12 +65,15 @@ def resolve_cntk_python(explicit: str | os.PathLike | None = None) -> Path:
     chosen = explicit or os.environ.get(ENV_CNTK_PYTHON)
     if chosen:
         path = Path(chosen).expanduser().absolute()  # a relative path is the user's, not one on $PATH
+        source = "--tf2cntk-cntk-python" if explicit else f"${ENV_CNTK_PYTHON}"
+        hint = "point it at the python of a venv with cntk==2.7.post2, or unset it and run `tf2cntk setup`"
         if not path.exists():
-            source = "--tf2cntk-cntk-python" if explicit else f"${ENV_CNTK_PYTHON}"
-            raise EnvironmentProblem(
-                f"The CNTK Python interpreter {path} given by {source} does not exist.",
-                hint="point it at the python of a venv with cntk==2.7.post2, or unset it and run "
-                     "`tf2cntk setup`")
+            raise EnvironmentProblem(f"The CNTK Python interpreter {path} given by {source} does not exist.",
+                                     hint=hint)
+        if path.is_dir() or not os.access(path, os.X_OK):
+            raise EnvironmentProblem(f"The CNTK Python interpreter {path} given by {source} is not an "
+                                     f"executable file{' (it is a directory)' if path.is_dir() else ''}.",
+                                     hint=hint)
         return path
     path = env_python(default_env_dir())
     if not path.exists():

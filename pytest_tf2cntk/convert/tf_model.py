@@ -45,8 +45,8 @@ class ModelTensor(Jsonable):
             raise ModelLoadError(
                 f"Input '{self.name}' has free dimensions besides the batch ({_dims(self.shape)}, batch "
                 "first); parity tests need static shapes.",
-                hint=f"set them for the test with --tf2cntk-input-shape={self.name}:{example} (tf2cntk: "
-                     f"--input-shape; pyproject: [tool.tf2cntk.input_shapes] {self.name} = [{listed}]), "
+                hint=f"set them for the test with --tf2cntk-input-shape={self.name}:{example} (pyproject: "
+                     f"[tool.tf2cntk.input_shapes] {self.name} = [{listed}]), "
                      "or give the model a fixed input shape (keras.Input(shape=...))")
         return tuple(int(d) for d in dims)  # type: ignore[arg-type]
 
@@ -55,7 +55,7 @@ def _dims(shape: tuple[int | None, ...]) -> str:
     return "[" + ", ".join("None" if d is None else str(d) for d in shape) + "]"
 
 
-SHAPE_OPTION = "--tf2cntk-input-shape / tf2cntk --input-shape / [tool.tf2cntk.input_shapes]"
+SHAPE_OPTION = "--tf2cntk-input-shape / [tool.tf2cntk.input_shapes]"  # the CLI shows its own flag (cli_text)
 
 
 def fix_input_shapes(inputs: list[ModelTensor], shapes: tuple[tuple[str, tuple[int, ...]], ...],
@@ -222,6 +222,10 @@ def detect_kind(path: Path) -> str:
             f"Directory {path} is not a TensorFlow SavedModel: it has no saved_model.pb "
             f"(found: {', '.join(sorted(entries)[:5])}{', ...' if len(entries) > 5 else ''}).",
             hint="export with model.export(dir) or tf.saved_model.save(obj, dir)")
+    if not path.is_file():  # reading a FIFO would wait for a writer forever
+        raise ModelLoadError(f"Model path {path} is not a regular file or directory (a FIFO, socket or "
+                             "device), so it cannot be a model.",
+                             hint="point at a SavedModel directory, a .keras file or an .h5 file")
     suffix = path.suffix.lower()
     if suffix == ".keras":
         if not zipfile.is_zipfile(path):

@@ -160,7 +160,18 @@ def _is_locked(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.OperationalError) and ("locked" in msg or "busy" in msg)
 
 
+def _unwritable(path: Path, exc: BaseException) -> HistoryError:
+    """The file is not there and cannot be made: its directory is the problem, not a file."""
+    why = getattr(exc, "strerror", None) or str(exc)
+    return HistoryError(f"history file {path} cannot be created: {why} (its directory {path.parent} is "
+                        "not a directory this process can write to)",
+                        "point --tf2cntk-history at a file in a writable directory, or turn the history off "
+                        "for this run with --tf2cntk-no-history")
+
+
 def _broken(path: Path, exc: BaseException) -> HistoryError:
+    if not path.is_file():
+        return _unwritable(path, exc)
     return HistoryError(f"history file {path} cannot be read: {exc} (the file is corrupt, truncated or "
                         "not an SQLite database)",
                         f"move it aside (mv '{path}' '{path}.broken'); the next run starts a new history. "
@@ -205,7 +216,7 @@ def _identify(path: Path, con: sqlite3.Connection) -> int | None:
         shown = ", ".join(t for t in tables if not t.startswith("sqlite_")) or "none"
         raise HistoryError(f"{path} is an SQLite database but not a tf2cntk history (application_id "
                            f"{app_id:#x}, tables: {shown}); it was left untouched",
-                           "point --tf2cntk-history / --history at another file, or move this one aside")
+                           "point --tf2cntk-history at another file, or move this one aside")
     version = con.execute(f"SELECT MAX(version) FROM {SCHEMA_TABLE}").fetchone()[0] or 0
     if version > SCHEMA_VERSION:
         raise HistoryError(f"{path} has history schema version {version}, written by a newer "
@@ -234,7 +245,10 @@ def _open(path: Path, create: bool) -> sqlite3.Connection:
             raise HistoryError(f"no history at {path}",
                                "run pytest with pytest-tf2cntk (history is on unless --tf2cntk-no-history) "
                                "or pass --history PATH")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file on the way (a/file/h.sqlite), no permission
+            raise _unwritable(path, exc) from None
     if path.is_dir():
         raise HistoryError(f"history path {path} is a directory", "pass the path of a .sqlite file")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -92,10 +93,26 @@ def read_reproducer(path: str | os.PathLike) -> Reproducer:
                     groups[kind][name] = data[key]
             graph = data["cntk_onnx"].tobytes() if "cntk_onnx" in data.files else None
         meta = ReproducerMeta.from_json(_upgrade(raw))
-    except (OSError, KeyError, ValueError, TypeError) as exc:
-        raise Tf2CntkError(f"{path} is not a tf2cntk reproducer: {exc}",
-                           hint="reproducers are the .npz files named in parity failure messages") from None
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError, ValueError, TypeError) as exc:
+        raise Tf2CntkError(f"{path} is not a tf2cntk reproducer: {_why(path, exc)}",
+                           hint="reproducers are the .npz files named in parity failure messages; if this "
+                                "is one, it was cut short: run the failing test again to write it anew") from None
     return Reproducer(meta, groups["input"], groups["tf"], groups["cntk"], groups["ort"], graph)
+
+
+def _why(path: str | os.PathLike, exc: BaseException) -> str:
+    """What is wrong with the file, in its terms: numpy's own words for a non-zip file advise
+    allow_pickle, which a reproducer never needs."""
+    if isinstance(exc, OSError) and not isinstance(exc, zipfile.BadZipFile):
+        return exc.strerror or str(exc)
+    size = os.path.getsize(path) if os.path.isfile(path) else 0
+    if isinstance(exc, EOFError) or size == 0:
+        return "the file is empty"
+    if isinstance(exc, zipfile.BadZipFile) or not zipfile.is_zipfile(path):
+        return f"it is not an .npz (zip) archive, or it is truncated ({size} bytes)"
+    if isinstance(exc, KeyError):
+        return f"it is an .npz archive without tf2cntk's entries ({exc})"
+    return f"its contents cannot be read ({type(exc).__name__}: {exc})"
 
 
 def _upgrade(raw: dict[str, Any]) -> dict[str, Any]:

@@ -29,6 +29,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", f"{MARKER}(model=None, budgets=None, inputs=None): "
                                        "configure pytest-tf2cntk for this test")
     rootdir = Path(str(config.rootpath))
+    for path in opts.ignored_pyprojects(config.invocation_params.dir, rootdir):
+        note = f"pytest-tf2cntk: {opts.ignored_note(path, rootdir)}"
+        config.issue_config_time_warning(pytest.PytestConfigWarning(note), stacklevel=2)
     try:
         settings = opts.resolve(config.getoption, config.getini, rootdir, opts.read_pyproject(rootdir))
     except ValueError as exc:
@@ -110,7 +113,12 @@ def tf2cntk_model(request: pytest.FixtureRequest, tf2cntk_session: Tf2CntkSessio
     if not path.is_absolute():
         path = Path(str(request.config.rootpath)) / path
     kwargs = dict(marker.kwargs) if marker else {}
-    return tf2cntk_session.handle(path, budgets=kwargs.get("budgets"), inputs=kwargs.get("inputs"))
+    from pytest_tf2cntk.errors import ConfigError
+
+    try:
+        return tf2cntk_session.handle(path, budgets=kwargs.get("budgets"), inputs=kwargs.get("inputs"))
+    except ConfigError as exc:  # the marker's own values: the test errors at setup, in one paragraph
+        pytest.fail(f"pytest-tf2cntk: {exc}", pytrace=False)
 
 
 @pytest.fixture

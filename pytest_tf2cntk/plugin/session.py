@@ -15,7 +15,9 @@ from typing import Any, Callable
 from typing import TYPE_CHECKING
 
 from pytest_tf2cntk.errors import DeviceUnavailable, LostCheck, ParityFailure, Tf2CntkError
-from pytest_tf2cntk.options import Settings, group
+from pytest_tf2cntk.options import Settings, group, parse_budget_table, parse_input_ranges
+
+MARKER_BUDGETS, MARKER_INPUTS = "@pytest.mark.tf2cntk(budgets=...)", "@pytest.mark.tf2cntk(inputs=...)"
 
 if TYPE_CHECKING:  # the records import numpy and onnx: not at plugin load, only once a check runs
     from pytest_tf2cntk.history.records import CheckRecord, RunPayload
@@ -180,7 +182,9 @@ class Tf2CntkSession:
         self._cntk_checked.add(key)
 
     def handle(self, path: Path, budgets: dict | None = None, inputs: dict | None = None) -> ModelHandle:
-        return ModelHandle(self, path, budgets, inputs)
+        """A test's model; its marker's tables checked now (ConfigError), before any conversion."""
+        return ModelHandle(self, path, parse_budget_table(budgets, MARKER_BUDGETS) if budgets else None,
+                           parse_input_ranges(inputs, MARKER_INPUTS) if inputs else None)
 
     def worker(self) -> Any:
         from pytest_tf2cntk.cntk.client import get_worker
@@ -201,16 +205,17 @@ class Tf2CntkSession:
                        **overrides: Any) -> Any:
         """The check this session asks for: its settings (the budgets of ``model``, a path relative
         to the rootdir), a test's budgets and ranges, overrides."""
-        from pytest_tf2cntk.options import budgets_for, parse_budget_table
+        from pytest_tf2cntk.options import budgets_for
         from pytest_tf2cntk.parity.options import ParityOptions
 
         s = self.settings
         values: dict[str, Any] = dict(
             max_examples=s.max_examples, seed=s.seed, derandomize=bool(os.environ.get("CI")) and s.seed is None,
             reference=s.reference,
-            budgets={**budgets_for(s.budgets, model), **parse_budget_table(budgets)},
+            budgets={**budgets_for(s.budgets, model), **parse_budget_table(budgets, MARKER_BUDGETS)},
             budget_scale=s.budget_scale,
-            inputs={**s.inputs, **(inputs or {})}, edge_values=s.edge_values, cntk_python=s.cntk_python,
+            inputs={**s.inputs, **parse_input_ranges(inputs, MARKER_INPUTS)}, edge_values=s.edge_values,
+            cntk_python=s.cntk_python,
             reproducer_dir=self.rootdir / ".tf2cntk" / "reproducers",
             layerwise="always" if s.layerwise else "on-failure", database=self._database())
         values.update(overrides)
@@ -235,6 +240,7 @@ class Tf2CntkSession:
         if config is not None and progress is None:
             progress = self._example_progress(config, f"{self.rel(conv.source)} [{device}]")
         try:
+            self.check_names(conv, budgets, inputs)
             options = self.parity_options(budgets, inputs, model=self.rel(Path(conv.source)), **overrides)
             result = run_check(conv, device, options, progress)
         except DeviceUnavailable:
@@ -251,6 +257,14 @@ class Tf2CntkSession:
             raise ParityFailure(f"{result}\nerror drift beyond --tf2cntk-fail-on-drift="
                                 f"{self.settings.fail_on_drift:g}:\n" + "\n".join(f"  {m}" for m in drifted))
         return result
+
+    def check_names(self, conv: Any, budgets: dict | None, inputs: dict | None) -> None:
+        """The tables' op, output and input names against the converted model (ConfigError)."""
+        from pytest_tf2cntk import validate
+
+        validate.check_project(self.settings.pick(("budgets", "inputs")), conv.onnx_model, self.rel(Path(conv.source)))
+        validate.check_budgets(budgets, conv.onnx_model, MARKER_BUDGETS, scoped=True)
+        validate.check_inputs(inputs, conv.onnx_model, MARKER_INPUTS, scoped=True)
 
     def record_skip(self, path: Path, device: str, reason: str) -> None:
         from pytest_tf2cntk.history.records import CheckRecord
@@ -343,12 +357,16 @@ class Tf2CntkSession:
             return
         from pytest_tf2cntk.plugin import summary
 
+        self._record_history(exitstatus)  # first: a report that cannot be written must not lose the row
         if self.settings.report:
-            summary.write_report(Path(self.settings.report), summary.report(
-                self.run, started=self.started, exitstatus=exitstatus, settings=self.settings_json(),
-                models=[self.rel(m) for m in self.settings.models]))
-            self.notes.append(f"tf2cntk: JSON report written to {self.settings.report}")
-        self._record_history(exitstatus)
+            try:
+                summary.write_report(Path(self.settings.report), summary.report(
+                    self.run, started=self.started, exitstatus=exitstatus, settings=self.settings_json(),
+                    models=[self.rel(m) for m in self.settings.models]))
+                self.notes.append(f"tf2cntk: JSON report written to {self.settings.report}")
+            except OSError as exc:
+                self.notes.append(f"tf2cntk: JSON report not written to {self.settings.report}: "
+                                  f"{exc.strerror or exc}; give --tf2cntk-report a file path you can write")
         step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
         if step_summary:
             with open(step_summary, "a", encoding="utf-8") as fh:

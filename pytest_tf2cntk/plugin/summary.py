@@ -80,8 +80,11 @@ def write_report(path: Path, report_: RunReport) -> None:
     """Atomically: a reader never sees half a report."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(report_.to_json(), indent=1), "utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(report_.to_json(), indent=1), "utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failed replace (path a directory): no .tmp left behind
 
 
 def repair_names(repairs: list[Any]) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import xml.etree.ElementTree as ET
 
@@ -294,7 +295,7 @@ def test_fully_convolutional_model_needs_and_takes_a_fixed_input_shape(pytester:
     pytester.makepyprojecttoml("[tool.tf2cntk.input_shapes]\nimage = [16, 16]\n")
     wrong = pytester.runpytest_subprocess(*args)
     wrong.assert_outcomes(failed=2)
-    wrong.stdout.fnmatch_lines(["*The input shape image:16x16 (--tf2cntk-input-shape / tf2cntk --input-shape / "
+    wrong.stdout.fnmatch_lines(["*The input shape image:16x16 (--tf2cntk-input-shape / "
                                 "[[]tool.tf2cntk.input_shapes[]]) gives 2 dimension(s), but input 'image'*"])
     bad = pytester.runpytest_subprocess(*args, "--tf2cntk-input-shape=image=16x16x3")
     assert bad.ret == 4
@@ -322,3 +323,24 @@ def test_tensorflow_start_up_lines_are_in_no_output_nor_captured_stderr(project:
     assert "Captured stderr call" in text and "mine on stderr" in text  # captured stderr is printed
     assert not [line for line in text.splitlines() if is_chatter(line)], text
     assert "oneDNN" not in text and "absl" not in text and "cuDNN factory" not in text, text
+
+
+@pytest.mark.needs_cntk
+def test_check_and_pytest_judge_a_model_by_the_same_project_tables(pytester: pytest.Pytester) -> None:
+    """An impossible budget for probs in [tool.tf2cntk.budgets] (the a-priori rule, so the budget
+    decides) and an input range: `tf2cntk check` fails the model as the parity item does, by
+    that budget, on inputs drawn from that range (#12 item 16)."""
+    from tests.e2e.test_cli import run
+
+    shutil.copy(FIXTURES / "mlp.keras", pytester.path / "mlp.keras")
+    pytester.makepyprojecttoml("[tool.tf2cntk]\nreference = 'off'\n[tool.tf2cntk.budgets.outputs]\nprobs = 1e-30\n"
+                               "[tool.tf2cntk.inputs]\nx = [0.25, 0.5]\n")
+    cli = run("check", "mlp.keras", "--devices", "cpu", "--max-examples", "2", cwd=pytester.path)
+    plugin = pytester.runpytest_subprocess("--tf2cntk-model=mlp.keras", "--tf2cntk-devices=cpu", *QUIET)
+    plugin.assert_outcomes(passed=1, failed=1)
+    assert cli.returncode == 1, cli.stdout + cli.stderr
+    for out in (cli.stdout, plugin.stdout.str()):
+        assert "output 'probs' failed: scaled error" in out and "> user budget 1e-30" in out, out
+        drawn = re.search(r"input: x: (?:constant (\S+)|\w+ in \[([^,]+), ([^\]]+)\])", out)
+        assert drawn, out
+        assert all(0.25 <= float(v) <= 0.5 for v in drawn.groups() if v), drawn.group(0)

@@ -46,6 +46,14 @@ def fully_convolutional(path: Path) -> Path:
     return path
 
 
+def with_lambda(path: Path) -> Path:
+    """Input((4,)) -> Lambda(x * 2) -> Dense(2): Keras' safe mode refuses to load it."""
+    keras = _keras()
+    x = keras.Input((4,), name="x")
+    keras.Model(x, keras.layers.Dense(2)(keras.layers.Lambda(lambda t: t * 2.0)(x))).save(path)
+    return path
+
+
 def built_apart(builder: str, path: Path) -> Path:
     """``builder(path)`` in a fresh process: a pytester test must not import TensorFlow itself
     (pytester drops the modules a test imported; importing TF's C extensions again aborts)."""

@@ -9,6 +9,7 @@ import pytest
 from pytest_tf2cntk.convert.pipeline import convert
 from pytest_tf2cntk.convert.tf_model import ModelTensor, fix_input_shapes
 from pytest_tf2cntk.errors import ModelLoadError
+from pytest_tf2cntk.options import cli_text
 from tests.support.small_models import fully_convolutional
 
 
@@ -27,7 +28,8 @@ def test_free_height_and_width_are_refused_naming_the_option(fcn: Path, tmp_path
         convert(fcn, batch=2, cache_dir=tmp_path)
     text = str(err.value)
     assert "Input 'image' has free dimensions besides the batch ([None, None, None, 3], batch first)" in text
-    assert "--tf2cntk-input-shape=image:64x64x3" in text and "--input-shape" in text
+    assert "--tf2cntk-input-shape=image:64x64x3" in text
+    assert "--input-shape=image:64x64x3" in cli_text(text) and "--tf2cntk-" not in cli_text(text)  # the CLI's flag
     assert "[tool.tf2cntk.input_shapes] image = [64, 64, 3]" in text
 
 
@@ -43,8 +45,8 @@ def test_a_fixed_shape_converts_at_that_shape_and_is_part_of_the_cache_key(fcn: 
 
 
 @pytest.mark.parametrize("shapes, says", [
-    ({"img": (8, 8, 3)}, "The input shape img:8x8x3 (--tf2cntk-input-shape / tf2cntk --input-shape / "
-                         "[tool.tf2cntk.input_shapes]) names an input"),
+    ({"img": (8, 8, 3)}, "The input shape img:8x8x3 (--tf2cntk-input-shape / [tool.tf2cntk.input_shapes]) "
+                         "names an input"),
     ({"image": (8, 8)}, "gives 2 dimension(s), but input 'image' of"),
     ({"image": (1, 8, 8, 3)}, "gives 4 dimension(s), but input 'image' of"),
     ({"image": (8, 8, 4)}, "contradicts input 'image' of"),
