@@ -33,9 +33,10 @@ def _close(name: str, candidates: Iterable[str]) -> list[str]:
     return difflib.get_close_matches(name, pool, n=3, cutoff=0.6)
 
 
-def _did_you_mean(name: str, candidates: Iterable[str]) -> str:
+def _way_out(name: str, candidates: Iterable[str], listed: str) -> str:
+    """The fix: the close names first, then what there is."""
     close = _close(name, candidates)
-    return f"did you mean {' or '.join(close)}? " if close else ""
+    return (f"did you mean {' or '.join(close)}? " if close else "correct the name; ") + listed
 
 
 def check_budgets(table: Mapping[str, Any] | None, onnx_model: Any, source: str, scoped: bool) -> None:
@@ -52,11 +53,12 @@ def check_budgets(table: Mapping[str, Any] | None, onnx_model: Any, source: str,
             continue
         if key not in onnx_op_types():
             raise ConfigError(
-                f"{source} {key}: {key!r} is no ONNX op type nor a budget setting, so it would be "
-                f"ignored. {_did_you_mean(key, [*graph_ops, *onnx_op_types(), *BUDGET_SETTINGS])}"
-                f"This model's ops: {', '.join(sorted(graph_ops))}; settings: {', '.join(BUDGET_SETTINGS)}")
-        raise ConfigError(f"{source} {key}: this model has no {key} op, so the budget would be ignored. "
-                          f"{_did_you_mean(key, graph_ops)}Its ops: {', '.join(sorted(graph_ops))}")
+                f"{source} {key}: {key!r} is no ONNX op type nor a budget setting, so it would be ignored",
+                hint=_way_out(key, [*graph_ops, *onnx_op_types(), *BUDGET_SETTINGS],
+                              f"this model's ops: {', '.join(sorted(graph_ops))}; settings: "
+                              f"{', '.join(BUDGET_SETTINGS)}"))
+        raise ConfigError(f"{source} {key}: this model has no {key} op, so the budget would be ignored",
+                          hint=_way_out(key, graph_ops, f"its ops: {', '.join(sorted(graph_ops))}"))
 
 
 def check_inputs(table: Mapping[str, Any] | None, onnx_model: Any, source: str, scoped: bool) -> None:
@@ -71,8 +73,8 @@ def _check_names(table: Mapping[str, Any] | None, names: list[str], kind: str, s
             continue
         close = _close(key, names)
         if scoped or close:
-            raise ConfigError(f"{source} {key}: this model has no {kind} {key!r}, so the entry would be "
-                              f"ignored. {_did_you_mean(key, names)}Its {kind}s: {', '.join(names)}")
+            raise ConfigError(f"{source} {key}: this model has no {kind} {key!r}, so the entry would be ignored",
+                              hint=_way_out(key, names, f"its {kind}s: {', '.join(names)}"))
 
 
 def check_project(tables: Mapping[str, Any], onnx_model: Any, model: str) -> None:

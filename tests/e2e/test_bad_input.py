@@ -101,9 +101,9 @@ CLI_CASES = [
     ("unsafe-load-hint-own-flag", ["convert", "{}", "--no-load"], _with_lambda,
      ["Lambda", "pass --unsafe-load"], ["--tf2cntk-"]),
     ("budget-op-misspelled", ["check", "{}", "--devices", "cpu"], _pyproject("[tool.tf2cntk.budgets]\nGemmm = 4\n"),
-     ["[tool.tf2cntk.budgets] Gemmm: 'Gemmm' is no ONNX op type", "did you mean Gemm"], []),
+     ["[tool.tf2cntk.budgets] Gemmm: 'Gemmm' is no ONNX op type", "fix: did you mean Gemm?"], []),
     ("input-misspelled", ["check", "{}", "--devices", "cpu"], _pyproject("[tool.tf2cntk.inputs]\nxx = [0.0, 1.0]\n"),
-     ["[tool.tf2cntk.inputs] xx: this model has no input 'xx'", "did you mean x?"], []),
+     ["[tool.tf2cntk.inputs] xx: this model has no input 'xx'", "fix: did you mean x? its inputs: x"], []),
     ("pyproject-not-rootdir", ["convert", "{}", "--no-load"], _ignored_above,
      ["has a [tool.tf2cntk] table that is ignored", "only from the pyproject.toml of the rootdir",
       "Move the table into"], []),
@@ -217,7 +217,7 @@ def test_a_name_the_converted_model_lacks_fails_its_parity_item(pytester: pytest
     assert result.ret == 1, out
     result.assert_outcomes(passed=1, failed=1)  # convert passes; parity[cpu] fails with the paragraph
     assert says in out, out
-    assert "did you mean" in out or "Its ops:" in out
+    assert "fix: did you mean" in out or "fix: correct the name; its ops: Gemm, Relu, Softmax" in out
     _no_traceback(out)
 
 
