@@ -172,6 +172,11 @@ def _unwritable(path: Path, exc: BaseException) -> HistoryError:
 def _broken(path: Path, exc: BaseException) -> HistoryError:
     if not path.is_file():
         return _unwritable(path, exc)
+    if any(w in str(exc) for w in ("readonly", "unable to open", "disk I/O error")):  # access, not content
+        return HistoryError(f"history file {path} cannot be written: {exc} (the file or its directory "
+                            f"{path.parent} is not writable by this process; the file itself was not judged)",
+                            f"make both writable (chmod u+w '{path}' '{path.parent}'), point "
+                            "--tf2cntk-history at a writable place, or use --tf2cntk-no-history")
     return HistoryError(f"history file {path} cannot be read: {exc} (the file is corrupt, truncated or "
                         "not an SQLite database)",
                         f"move it aside (mv '{path}' '{path}.broken'); the next run starts a new history. "

@@ -359,3 +359,18 @@ def test_cli_tag_and_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsy
     assert f"no history at {tmp_path / '.tf2cntk' / 'history.sqlite'}" in capsys.readouterr().err
     assert not (tmp_path / ".tf2cntk").exists()
     assert os.getcwd() == str(tmp_path)
+
+
+def test_a_history_that_cannot_be_created_or_written_says_so_not_corrupt(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(HistoryError) as err:
+        H.ensure_history(blocker / "history.sqlite")  # its directory would be a file
+    assert "cannot be created" in str(err.value) and "corrupt" not in str(err.value) and "mv" not in str(err.value)
+    assert "fix: point --tf2cntk-history at a file in a writable directory" in str(err.value)
+    path = tmp_path / "history.sqlite"
+    H.ensure_history(path)
+    # as root a read-only file stays writable, so SQLite's own words for one are given here
+    err2 = H._broken(path, sqlite3.OperationalError("attempt to write a readonly database"))
+    assert "cannot be written" in str(err2) and "chmod u+w" in str(err2) and "corrupt" not in str(err2)
+    assert "corrupt" in str(H._broken(path, sqlite3.DatabaseError("file is not a database")))
