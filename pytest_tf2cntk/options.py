@@ -27,7 +27,8 @@ CALIBRATE, REPORT = "calibrate", "report"  # `tf2cntk calibrate` / `tf2cntk repo
 TABLES = ("budgets", "inputs")  # [tool.tf2cntk.*] tables that are not options
 # [tool.tf2cntk.budgets] keys that are settings of the rule, not op types (BudgetConfig.from_mapping)
 BUDGET_SETTINGS = ("headroom", "scale", "noise_factor", "floor_ulps", "run_factor")
-ROOT_MARKERS = ("pyproject.toml", "pytest.ini", "tox.ini", "setup.cfg", ".git")  # as pytest finds its rootdir
+# files that make their directory pytest's rootdir when they hold pytest configuration (find_rootdir)
+PYTEST_CONFIGS = ("pytest.toml", ".pytest.toml", "pytest.ini", ".pytest.ini", "pyproject.toml", "tox.ini", "setup.cfg")
 
 
 @dataclass(frozen=True)
@@ -371,12 +372,40 @@ def history_path(rootdir: Path, value: str | Path | None) -> Path:
 
 
 def find_rootdir(start: str | Path | None = None) -> Path:
-    """The nearest directory up from ``start`` holding a project marker (as pytest's rootdir)."""
+    """The rootdir pytest would pick when run from ``start`` without arguments, so the command
+    reads the same ``[tool.tf2cntk]`` and names models as pytest does: the nearest directory with
+    a pytest configuration file, else the nearest pyproject.toml, else the nearest setup.py, else
+    ``start`` (pytest's ``determine_setup``)."""
     here = Path(start or Path.cwd()).resolve()
-    for d in (here, *here.parents):
-        if any((d / m).exists() for m in ROOT_MARKERS):
+    dirs = (here, *here.parents)
+    for d in dirs:
+        if any(_holds_pytest_config(d / name) for name in PYTEST_CONFIGS):
             return d
+    for marker in ("pyproject.toml", "setup.py"):
+        found = next((d for d in dirs if (d / marker).is_file()), None)
+        if found is not None:
+            return found
     return here
+
+
+def _holds_pytest_config(path: Path) -> bool:
+    import configparser
+
+    if not path.is_file():
+        return False
+    if path.name in ("pytest.ini", ".pytest.ini", "pytest.toml", ".pytest.toml"):
+        return True  # even empty: the file itself marks the rootdir
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            with open(path, "rb") as fh:
+                return "pytest" in tomllib.load(fh).get("tool", {})
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.read(path, encoding="utf-8")
+        return parser.has_section("pytest" if path.name == "tox.ini" else "tool:pytest")
+    except (OSError, ValueError, configparser.Error):
+        return False  # pytest will say what is wrong with it
 
 
 def read_pyproject(rootdir: Path) -> dict[str, Any]:

@@ -67,9 +67,10 @@ def _pyproject(text: str) -> Callable[[Path], str]:
 
 
 def _ignored_above(tmp: Path) -> str:
-    """[tool.tf2cntk] one level above the rootdir (a .git marks the project): not read."""
+    """[tool.tf2cntk] one level above the rootdir (its pytest.ini makes proj the rootdir): not read."""
     (tmp / "pyproject.toml").write_text("[tool.tf2cntk]\nbatch = 4\n")
-    (tmp / "proj" / ".git").mkdir(parents=True)
+    (tmp / "proj").mkdir()
+    (tmp / "proj" / "pytest.ini").write_text("[pytest]\n")
     return "nope.keras"
 
 

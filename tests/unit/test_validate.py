@@ -127,3 +127,16 @@ def test_a_tool_table_outside_the_rootdir_is_found(tmp_path: Path) -> None:
     (root / "sub" / "pyproject.toml").write_text("[project]\nname = 'x'\n")  # no table: nothing to say
     assert options.ignored_pyprojects(root / "sub", root) == [tmp_path / "pyproject.toml"]
     assert "Move the table into" in options.ignored_note(tmp_path / "pyproject.toml", root)
+
+
+def test_the_command_finds_the_rootdir_pytest_would(tmp_path: Path) -> None:
+    sub = tmp_path / "pkg" / "sub"
+    sub.mkdir(parents=True)
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    (tmp_path / "pkg" / "pyproject.toml").write_text("[project]\nname = 'pkg'\n")  # no pytest config
+    assert options.find_rootdir(sub) == tmp_path  # pytest.ini wins over a nearer plain pyproject.toml
+    (tmp_path / "pkg" / "pyproject.toml").write_text("[tool.pytest.ini_options]\n")
+    assert options.find_rootdir(sub) == tmp_path / "pkg"
+    (tmp_path / "pytest.ini").unlink()
+    (tmp_path / "pkg" / "pyproject.toml").write_text("[project]\nname = 'pkg'\n")
+    assert options.find_rootdir(sub) == tmp_path / "pkg"  # no pytest config anywhere: the nearest pyproject.toml
