@@ -31,7 +31,8 @@ from pytest_tf2cntk.codec import Jsonable
 from pytest_tf2cntk.convert.options import ConversionOptions
 from pytest_tf2cntk.convert.pipeline import convert
 from pytest_tf2cntk.errors import Tf2CntkError
-from pytest_tf2cntk.options import budgets_for, default, model_key
+from pytest_tf2cntk.options import default, model_key
+from pytest_tf2cntk.validate import project_budgets
 from pytest_tf2cntk.parity.budgets import BudgetConfig, output_budgets
 from pytest_tf2cntk.parity.engine import ParityEngine
 from pytest_tf2cntk.parity.inputs import inputs_strategy, materialize
@@ -194,7 +195,8 @@ def calibrate(model: str | os.PathLike, *, device: str = "cpu", conversion: Conv
                    cache_dir=c.cache_dir, input_shapes=c.input_shapes, repairs=c.repairs,
                    imports=c.imports)
     key = model_key(key or model)
-    configured = BudgetConfig.from_mapping(budgets_for(budgets, key))
+    configured = BudgetConfig.from_mapping(project_budgets({"budgets": budgets, "inputs": inputs}, conv.onnx_model,
+                                                           key))  # names checked as pytest and check do
     engine = ParityEngine(conv, device, ParityOptions(budgets=configured, inputs=dict(inputs or {}),
                                                       cntk_python=cntk_python, edge_values=edge_values))
     dtypes = {o.name: np.dtype(o.dtype) for o in conv.outputs}
