@@ -113,9 +113,9 @@ def test_a_report_path_that_cannot_be_a_file_is_refused(tmp_path: Path) -> None:
 
 
 def test_cli_text_gives_the_commands_own_flags() -> None:
-    text = "test it at --tf2cntk-batch 1; pass --tf2cntk-unsafe-load; --tf2cntk-input-shape=x:4"
-    assert options.cli_text(text) == "test it at --batch 1; pass --unsafe-load; --input-shape=x:4"
-    pytest_only = "unless --tf2cntk-no-history, or --tf2cntk-repairs=off"  # no such flag in the command
+    text = "test it at --tf2cntk-batch 1; pass --tf2cntk-unsafe-load; --tf2cntk-input-shape=x:4, --tf2cntk-repairs=off"
+    assert options.cli_text(text) == "test it at --batch 1; pass --unsafe-load; --input-shape=x:4, --repairs=off"
+    pytest_only = "unless --tf2cntk-no-history, or --tf2cntk-report PATH"  # no such flag in the command
     assert options.cli_text(pytest_only) == pytest_only
 
 

@@ -21,7 +21,7 @@ from pytest_tf2cntk.errors import PassMismatch
 
 RepairFn = Callable[[onnx.ModelProto], int]  # rewrites in place; returns how many nodes it repaired
 EdgeProofFn = Callable[[onnx.ModelProto], str]
-REPAIRS_OFF_HINT = ("report it with the model; meanwhile --tf2cntk-repairs=off (tf2cntk --repairs off) converts "
+REPAIRS_OFF_HINT = ("report it with the model; meanwhile --tf2cntk-repairs=off converts "  # the CLI: --repairs
                     "without the CNTK repairs (CNTK then computes the defect's nodes as before)")
 
 
