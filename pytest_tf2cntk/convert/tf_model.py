@@ -22,7 +22,7 @@ from pytest_tf2cntk.tf_import import tensorflow
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 DEFAULT_SIGNATURE = "serving_default"
 UNSAFE_HINT = "pass --tf2cntk-unsafe-load (API: unsafe_load=True) if you trust this file"
-IMPORT_OPTION = '--tf2cntk-import (tf2cntk: --import; pyproject: [tool.tf2cntk] import = ["MODULE"])'
+IMPORT_OPTION = '--tf2cntk-import (pyproject: [tool.tf2cntk] import = ["MODULE"])'  # the CLI shows --import
 # Keras 3's and the legacy (h5) loader's words for a class no imported module registered
 UNKNOWN_CLASS = re.compile(r"Could not locate (class|function) '([^']+)'|Unknown (\w+): '([^']+)'")
 
@@ -338,8 +338,8 @@ def _unknown_class(path: Path, kind: str, exc: BaseException, imports: tuple[str
     return ModelLoadError(
         f"{path} uses the custom {what} '{name}', which Keras does not know: the module that defines and "
         f"registers it (@keras.saving.register_keras_serializable()) has not been imported{tried}.",
-        hint=f"import it before the model loads: --tf2cntk-import={module} (tf2cntk: --import {module}; "
-             f'pyproject: [tool.tf2cntk] import = ["{module}"])')
+        hint=f"import it before the model loads: --tf2cntk-import={module} "
+             f'(pyproject: [tool.tf2cntk] import = ["{module}"])')
 
 
 def _load_keras(path: Path, kind: str, unsafe_load: bool, imports: tuple[str, ...] = ()) -> TFModel:

@@ -102,7 +102,7 @@ def test_custom_layers_load_once_their_module_is_imported_in_every_process(
     unknown.stdout.fnmatch_lines([
         "*scaled.keras uses the custom class 'Scale', which Keras does not know: the module that "
         "defines and registers it (@keras.saving.register_keras_serializable()) has not been imported.",
-        '*fix: import it before the model loads: --tf2cntk-import=custom_layers (tf2cntk: --import custom_layers;*'])
+        '*fix: import it before the model loads: --tf2cntk-import=custom_layers (pyproject:*'])
     assert "re-save" not in unknown.stdout.str()
     custom_layer_project.makepyprojecttoml('[tool.tf2cntk]\nimport = ["custom_layers"]\n')
     loaded = custom_layer_project.runpytest_subprocess(*args, "-n", "2", "--dist=each", "-v")
@@ -110,7 +110,7 @@ def test_custom_layers_load_once_their_module_is_imported_in_every_process(
     broken = custom_layer_project.runpytest_subprocess(*args, "--tf2cntk-import=no_such_layers")
     broken.assert_outcomes(failed=2)
     broken.stdout.fnmatch_lines([
-        "The module 'no_such_layers' named by --tf2cntk-import (tf2cntk: --import; pyproject: [[]tool.tf2cntk[]] "
+        "The module 'no_such_layers' named by --tf2cntk-import (pyproject: [[]tool.tf2cntk[]] "
         "import = [[]\"MODULE\"[]]) could not be imported (ModuleNotFoundError: No module named 'no_such_layers'), "
         "so the model is not loaded.",
         "  fix: install it, or put the directory that holds it on the import path*"])
