@@ -100,8 +100,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from pytest_tf2cntk.errors import Tf2CntkError
     from pytest_tf2cntk.tf_import import tensorflow
 
-    if args.cntk_python:  # a bad path given here is bad input (exit 2), not a finding of the doctor
-        env.resolve_cntk_python(args.cntk_python)
     try:
         tensorflow()  # quietly: its start-up lines are not the doctor's findings
     except Exception:
