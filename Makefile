@@ -24,7 +24,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 HOST_STAMP := $(VENV)/.tf2cntk-installed
-PYTEST_ARGS ?=
+# The suite runs on both cores (pytest-xdist, a test file per worker): most of its time is
+# end-to-end runs in subprocesses. PYTEST_ARGS= (empty) runs it in one process.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 DEMO_MODELS ?= fixtures/cnn_bn.keras fixtures/two_io.keras
 
 .PHONY: setup host cntk test test-fast lock demo bench clean fixtures dist
