@@ -14,7 +14,8 @@ import functools
 from typing import Any, Iterable, Mapping
 
 from pytest_tf2cntk.errors import ConfigError
-from pytest_tf2cntk.options import BUDGET_SETTINGS, budgets_for, model_key
+from pytest_tf2cntk.options import BUDGET_SETTINGS
+from pytest_tf2cntk.project_tables import budgets_for, model_key
 
 
 @functools.cache

@@ -31,7 +31,8 @@ from pytest_tf2cntk.codec import Jsonable
 from pytest_tf2cntk.convert.options import ConversionOptions
 from pytest_tf2cntk.convert.pipeline import convert
 from pytest_tf2cntk.errors import Tf2CntkError
-from pytest_tf2cntk.options import default, model_key
+from pytest_tf2cntk.options import default
+from pytest_tf2cntk.project_tables import model_key
 from pytest_tf2cntk.validate import project_budgets
 from pytest_tf2cntk.parity.budgets import BudgetConfig, output_budgets
 from pytest_tf2cntk.parity.engine import ParityEngine

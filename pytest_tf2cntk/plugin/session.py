@@ -15,7 +15,8 @@ from typing import Any, Callable
 from typing import TYPE_CHECKING
 
 from pytest_tf2cntk.errors import DeviceUnavailable, LostCheck, ParityFailure, Tf2CntkError
-from pytest_tf2cntk.options import Settings, group, parse_budget_table, parse_input_ranges
+from pytest_tf2cntk.options import Settings, group
+from pytest_tf2cntk.project_tables import parse_budget_table, parse_input_ranges
 
 MARKER_BUDGETS, MARKER_INPUTS = "@pytest.mark.tf2cntk(budgets=...)", "@pytest.mark.tf2cntk(inputs=...)"
 
@@ -205,7 +206,7 @@ class Tf2CntkSession:
                        **overrides: Any) -> Any:
         """The check this session asks for: its settings (the budgets of ``model``, a path relative
         to the rootdir), a test's budgets and ranges, overrides."""
-        from pytest_tf2cntk.options import budgets_for
+        from pytest_tf2cntk.project_tables import budgets_for
         from pytest_tf2cntk.parity.options import ParityOptions
 
         s = self.settings

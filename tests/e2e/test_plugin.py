@@ -229,7 +229,7 @@ def test_github_step_summary_is_written(project: pytest.Pytester, monkeypatch: p
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
     project.runpytest_subprocess("--tf2cntk-model=mlp.keras", "--tf2cntk-devices=cpu", *QUIET).assert_outcomes(passed=2)
     text = summary.read_text()
-    assert "## tf2cntk parity" in text and "| mlp.keras | cpu | probs |" in text
+    assert "## tf2cntk parity" in text and "| mlp.keras | cpu | 1 | probs |" in text
 
 
 def test_history_records_runs_and_drift_fails_within_budget(project: pytest.Pytester) -> None:

@@ -104,7 +104,7 @@ def test_input_shape_on_the_command_line_repeats_and_is_checked(capsys: pytest.C
 
 
 def test_budgets_for_puts_a_models_own_table_over_the_projects() -> None:
-    from pytest_tf2cntk.options import budgets_for, parse_budget_table
+    from pytest_tf2cntk.project_tables import budgets_for, parse_budget_table
 
     table = parse_budget_table({"Conv": 4, "outputs": {"probs": 1e-3, "aux": 2e-3},
                                 "models": {"./nets/a.keras": {"MatMul": 6, "outputs": {"probs": 1e-5}}}})
