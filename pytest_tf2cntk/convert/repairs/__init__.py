@@ -68,6 +68,24 @@ def run_repairs(model: onnx.ModelProto, prove: bool = True, seed: int = 0,
     return model, records
 
 
+def replace_each(model: onnx.ModelProto,
+                 rewrite: Callable[[onnx.NodeProto], "list[onnx.NodeProto] | None"]) -> int:
+    """Put ``rewrite(node)``'s nodes in the place of each node it returns nodes for (None: keep
+    it); how many were replaced. The graph is not touched when none is."""
+    out, changed = [], 0
+    for node in list(model.graph.node):
+        new = rewrite(node)
+        if new is None:
+            out.append(node)
+        else:
+            out += new
+            changed += 1
+    if changed:
+        del model.graph.node[:]
+        model.graph.node.extend(out)
+    return changed
+
+
 # The repair modules, one line each, in the order they run: each appends its Repairs to REPAIRS.
 from pytest_tf2cntk.convert.repairs import int_cast  # noqa: E402,F401
 from pytest_tf2cntk.convert.repairs import avgpool_border  # noqa: E402,F401

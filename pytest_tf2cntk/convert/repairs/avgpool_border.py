@@ -21,7 +21,7 @@ import onnx
 from onnx import helper
 
 from pytest_tf2cntk.convert import onnx_graph as og
-from pytest_tf2cntk.convert.repairs import REPAIRS, Repair
+from pytest_tf2cntk.convert.repairs import REPAIRS, Repair, replace_each
 
 
 def _geometry(node: onnx.NodeProto, shape: tuple | None) -> tuple[list[int], list[int], list[int], list[int]] | None:
@@ -84,18 +84,14 @@ def rewrite_nodes(model: onnx.ModelProto, node: onnx.NodeProto, shape: tuple,
 
 def repair_avgpool_border(model: onnx.ModelProto) -> int:
     shapes, types = og.infer_shapes(model), og.elem_types(model)
-    out, changed = [], 0
-    for node in list(model.graph.node):
+
+    def rewrite(node: onnx.NodeProto) -> list[onnx.NodeProto] | None:
         shape = shapes.get(node.input[0]) if node.input else None
-        if has_defect(node, shape):
-            out += rewrite_nodes(model, node, shape, types[node.input[0]])  # type: ignore[arg-type]
-            changed += 1
-        else:
-            out.append(node)
-    if changed:
-        del model.graph.node[:]
-        model.graph.node.extend(out)
-    return changed
+        if not has_defect(node, shape):
+            return None
+        return rewrite_nodes(model, node, shape, types[node.input[0]])  # type: ignore[arg-type]
+
+    return replace_each(model, rewrite)
 
 
 REPAIRS.append(Repair(

@@ -23,7 +23,7 @@ from onnx import TensorProto, helper
 
 from pytest_tf2cntk.convert import onnx_graph as og
 from pytest_tf2cntk.convert.domains import TRUNCATION_MARK
-from pytest_tf2cntk.convert.repairs import REPAIRS, REPAIRS_OFF_HINT, Repair
+from pytest_tf2cntk.convert.repairs import REPAIRS, REPAIRS_OFF_HINT, Repair, replace_each
 from pytest_tf2cntk.convert.validation import EXACT_CAST
 
 FLOATS = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64, TensorProto.FLOAT16: np.float16}
@@ -78,17 +78,8 @@ def truncation_nodes(model: onnx.ModelProto, cast: onnx.NodeProto, float_type: i
 
 def repair_int_casts(model: onnx.ModelProto) -> int:
     types = og.elem_types(model)
-    out, changed = [], 0
-    for node in list(model.graph.node):
-        if has_defect(node, types):
-            out += truncation_nodes(model, node, types[node.input[0]])
-            changed += 1
-        else:
-            out.append(node)
-    if changed:
-        del model.graph.node[:]
-        model.graph.node.extend(out)
-    return changed
+    return replace_each(model, lambda node: truncation_nodes(model, node, types[node.input[0]])
+                        if has_defect(node, types) else None)
 
 
 def edge_values(float_type: int, int_type: int) -> np.ndarray:
