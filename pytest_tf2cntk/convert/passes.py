@@ -43,7 +43,7 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
         else:
             keep.append(node)
     if changed:
-        _set_nodes(model, keep)
+        set_nodes(model, keep)
     return changed
 
 
@@ -87,7 +87,7 @@ def fold_constants(model: onnx.ModelProto) -> int:
         else:
             keep.append(node)
     if changed:
-        _set_nodes(model, keep)
+        set_nodes(model, keep)
         prune_unused(model)
     return changed
 
@@ -125,7 +125,7 @@ def prune_unused(model: onnx.ModelProto) -> int:
             needed.update(og.subgraph_references(node))
     removed = len(model.graph.node) - len(live)
     if removed:
-        _set_nodes(model, list(reversed(live)))
+        set_nodes(model, list(reversed(live)))
     all_inits = {t.name for t in model.graph.initializer}
     inits = [t for t in model.graph.initializer if t.name in needed]
     removed += len(all_inits) - len(inits)
@@ -140,7 +140,7 @@ def prune_unused(model: onnx.ModelProto) -> int:
     return removed
 
 
-def _set_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> None:
+def set_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> None:
     kept = [onnx.NodeProto() for _ in nodes]
     for copy, node in zip(kept, nodes):
         copy.CopyFrom(node)  # protobuf repeated fields own their elements: copy before clearing

@@ -169,7 +169,8 @@ def pipeline_fingerprint() -> str:
 
     here = Path(__file__).parent
     h = hashlib.sha256()
-    for path in sorted(here.rglob("*.py")):  # repairs/ and twin/ too
+    # the pipeline's modules and its repairs; twin/ reads a conversion, it does not shape one
+    for path in sorted([*here.glob("*.py"), *(here / "repairs").glob("*.py")]):
         h.update(str(path.relative_to(here)).encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]
 

@@ -16,7 +16,7 @@ from typing import Callable
 import onnx
 
 from pytest_tf2cntk.codec import Jsonable
-from pytest_tf2cntk.convert.passes import apply_proved
+from pytest_tf2cntk.convert.passes import apply_proved, set_nodes
 from pytest_tf2cntk.errors import PassMismatch
 
 RepairFn = Callable[[onnx.ModelProto], int]  # rewrites in place; returns how many nodes it repaired
@@ -81,8 +81,7 @@ def replace_each(model: onnx.ModelProto,
             out += new
             changed += 1
     if changed:
-        del model.graph.node[:]
-        model.graph.node.extend(out)
+        set_nodes(model, out)
     return changed
 
 

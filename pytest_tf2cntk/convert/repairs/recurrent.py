@@ -21,7 +21,7 @@ import onnx
 from onnx import helper
 
 from pytest_tf2cntk.convert import onnx_graph as og
-from pytest_tf2cntk.convert.repairs import REPAIRS, Repair
+from pytest_tf2cntk.convert.repairs import REPAIRS, Repair, replace_each
 
 RNN_OPS = ("LSTM", "GRU", "RNN")
 _DEFAULT_ACTIVATIONS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}
@@ -66,18 +66,6 @@ def _taken(model: onnx.ModelProto) -> set[str]:
         names.update(node.output)
         names.add(node.name)
     return names
-
-
-def _replace(model: onnx.ModelProto, replaced: dict[int, list[onnx.NodeProto]]) -> None:
-    """Put each replaced node's new nodes where it stood (keeps the topological order)."""
-    nodes = []
-    for i, node in enumerate(model.graph.node):
-        nodes.extend(replaced.get(i, [node]))
-    copies = [onnx.NodeProto() for _ in nodes]
-    for copy, node in zip(copies, nodes):
-        copy.CopyFrom(node)
-    del model.graph.node[:]
-    model.graph.node.extend(copies)
 
 
 def _used(model: onnx.ModelProto) -> set[str]:
@@ -144,15 +132,16 @@ def _same_directions(node: onnx.NodeProto, consts: dict) -> bool:
 def split_recurrent_batch(model: onnx.ModelProto) -> int:
     """LSTM/GRU/RNN with batch B > 1 -> B batch-1 nodes on Slice(X, batch b), Y joined by Concat."""
     shapes, consts, used = og.infer_shapes(model), og.constant_values(model), _used(model)
-    taken, replaced = _taken(model), {}
-    for i, node in enumerate(model.graph.node):
-        if _splittable(node, shapes, consts, used):
-            em = _Emitter(model, taken, node.name or node.op_type)
-            _split_one(em, node, shapes[node.input[0]], consts, used)
-            replaced[i] = em.nodes
-    if replaced:
-        _replace(model, replaced)
-    return len(replaced)
+    taken = _taken(model)
+
+    def rewrite(node: onnx.NodeProto) -> list[onnx.NodeProto] | None:
+        if not _splittable(node, shapes, consts, used):
+            return None
+        em = _Emitter(model, taken, node.name or node.op_type)
+        _split_one(em, node, shapes[node.input[0]], consts, used)
+        return em.nodes
+
+    return replace_each(model, rewrite)
 
 
 def _split_one(em: _Emitter, node: onnx.NodeProto, x_shape: tuple, consts: dict, used: set) -> None:
@@ -296,18 +285,18 @@ def _gru_outputs(loop, body, x, weights, bias, h0, h_in) -> _KerasGRU | None:  #
 def loop_to_gru(model: onnx.ModelProto) -> int:
     """Loop of a Keras GRU cell -> ONNX GRU (linear_before_reset=1) with the same weights."""
     consts, shapes, used = og.constant_values(model), og.infer_shapes(model), _used(model)
-    taken, replaced = _taken(model), {}
-    for i, node in enumerate(model.graph.node):
+    taken = _taken(model)
+
+    def rewrite(node: onnx.NodeProto) -> list[onnx.NodeProto] | None:
         gru = _keras_gru(node, consts, shapes) if node.op_type == "Loop" else None
         wanted = {j for j, o in enumerate(node.output) if o in used}
         if gru is None or not wanted <= {gru.h_state, gru.scan_out}:
-            continue
+            return None
         em = _Emitter(model, taken, node.name or "Loop")
         _emit_gru(em, node, gru, _const(node.input[0], consts), gru.h_state in wanted)
-        replaced[i] = em.nodes
-    if replaced:
-        _replace(model, replaced)
-    return len(replaced)
+        return em.nodes
+
+    return replace_each(model, rewrite)
 
 
 def _emit_gru(em: _Emitter, loop: onnx.NodeProto, gru: _KerasGRU, steps: int, final_h: bool) -> None:
@@ -348,15 +337,16 @@ def _unrollable(node: onnx.NodeProto, shapes: dict, consts: dict) -> bool:
 def unroll_gru(model: onnx.ModelProto) -> int:
     """GRU(linear_before_reset=1) -> per time step Gemm, Slice, Sigmoid, Tanh, Mul, Add, Sub."""
     shapes, consts, used = og.infer_shapes(model), og.constant_values(model), _used(model)
-    taken, replaced = _taken(model), {}
-    for i, node in enumerate(model.graph.node):
-        if _unrollable(node, shapes, consts):
-            em = _Emitter(model, taken, node.name or "GRU")
-            _unroll_one(em, node, shapes[node.input[0]], consts, used)
-            replaced[i] = em.nodes
-    if replaced:
-        _replace(model, replaced)
-    return len(replaced)
+    taken = _taken(model)
+
+    def rewrite(node: onnx.NodeProto) -> list[onnx.NodeProto] | None:
+        if not _unrollable(node, shapes, consts):
+            return None
+        em = _Emitter(model, taken, node.name or "GRU")
+        _unroll_one(em, node, shapes[node.input[0]], consts, used)
+        return em.nodes
+
+    return replace_each(model, rewrite)
 
 
 def _unroll_one(em: _Emitter, node: onnx.NodeProto, x_shape: tuple, consts: dict, used: set) -> None:
